@@ -1,0 +1,1 @@
+"""Backbones: (B, L, D) embedded tokens -> (B, L, D) hidden states.  Installed as ``seqgen.backbones``."""

@@ -1,0 +1,1 @@
+"""Domain adapters: raw data <-> TokenSequence.  Installed as ``seqgen.domains``."""

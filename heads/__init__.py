@@ -1,0 +1,1 @@
+"""Heads: hidden states -> loss and samples.  Installed as ``seqgen.heads``."""

@@ -1,0 +1,1 @@
+"""Paradigms: how a training example is arranged and how generation proceeds."""

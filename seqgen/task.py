@@ -1,0 +1,322 @@
+"""A generative run: data set -> domain adapter -> tokens; paradigm + model; batches, held-out NLL
+and samples.  The trainer, ``seqgen sample`` and ``seqgen eval`` all go through this one object.
+
+    task = GenerativeTask(RunConfig.load("examples/configs/digits_ar.yaml"))
+    loss, metrics = task.model.loss(task.make_batch(task.train_sampler(64).next()))
+    images, labels = task.generate(n=20, cfg_scale=2.0)
+"""
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from .checkpoint import load_weights, read_config, require_checkpoint
+from .config import RunConfig
+from .data import ExampleSampler, WindowSampler
+from .datasets import RawSplits
+from .model import SeqModel
+from .types import Batch, SeqgenError, TokenSequence
+
+log = logging.getLogger(__name__)
+
+LN2 = math.log(2.0)
+
+
+def build_model(cfg: RunConfig, specs, paradigm, max_target_pos: int) -> SeqModel:
+    backbone = cfg.build("backbone")
+    head = cfg.build("head", backbone.dim, specs[0])
+    return SeqModel(specs, backbone, {specs[0].name: head}, target_pos=paradigm.needs_target_pos,
+                    max_target_pos=cfg.model.max_target_pos or max_target_pos)
+
+
+class Objective(nn.Module):
+    """Wraps a model so the whole loss runs inside ``forward`` (DDP hooks and Fabric autocast see it)."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch) -> tuple[Tensor, dict]:
+        return self.model.loss(batch)
+
+
+class GenerativeTask:
+    """Everything a generative run needs; built from a RunConfig (and the run folder for fitted state)."""
+
+    def __init__(self, cfg: RunConfig, run_dir: str | Path | None = None, splits: RawSplits | None = None):
+        if cfg.task != "generative":
+            raise SeqgenError(f"GenerativeTask needs task: generative, got {cfg.task!r}")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.splits = splits if splits is not None else cfg.build("data").load()
+        self.domain = cfg.build("domain", modality=0)
+        data_kind = {"image": "image", "text": "text"}.get(cfg.component("domain")[0])
+        if data_kind is not None and data_kind != self.splits.kind:
+            raise SeqgenError(f"domain {cfg.component('domain')[0]!r} cannot read the {self.splits.kind} data set "
+                              f"{cfg.component('data')[0]!r}")
+        if hasattr(self.domain, "fit"):
+            self.domain.fit(self.splits.train, self.run_dir)
+        self.label = None
+        if cfg.condition == "class":
+            if self.splits.num_classes is None:
+                raise SeqgenError(f"condition: class needs a labelled data set; {cfg.component('data')[0]!r} has no labels")
+            from .domains.label import LabelDomain
+
+            self.label = LabelDomain(LabelDomain.Config(num_classes=self.splits.num_classes), modality=1)
+        self.specs = [self.domain.spec] + ([self.label.spec] if self.label is not None else [])
+        self.paradigm = cfg.build("paradigm")
+        self.is_text = self.splits.kind == "text"
+        self._encode_data()
+        self.model = build_model(cfg, self.specs, self.paradigm, self._max_coordinate() + 1)
+
+    # ------------------------------------------------------------------ data
+    def _encode_data(self) -> None:
+        if self.is_text:
+            self.context = self.domain.config.context
+            self.train_ids = self.domain.encode_stream(self.splits.train)
+            self.heldout_ids = self.domain.encode_stream(self.splits.heldout)
+            self.token_bytes = self._token_bytes()
+            return
+        self.positions = self.domain.positions()  # (L, 3)
+        self.train_ids = self._encode_images("train", self.splits.train)
+        self.heldout_ids = self._encode_images("heldout", self.splits.heldout)
+        self.train_labels = None if self.splits.train_labels is None else torch.as_tensor(self.splits.train_labels)
+        self.heldout_labels = None if self.splits.heldout_labels is None else torch.as_tensor(self.splits.heldout_labels)
+
+    def _encode_images(self, split: str, images) -> Tensor:
+        tk = getattr(self.domain, "tokenizer", None)
+        if tk is None:
+            return self.domain.encode(images).ids
+        from safetensors.torch import load_file, save_file
+
+        cache = Path(self.domain.config.tokenizer) / "codes" / f"{self.splits.fingerprint()}_{split}.safetensors"
+        if cache.exists():
+            return load_file(str(cache))["ids"]
+        log.info("encoding the %s split with the tokenizer in %s (cached in %s)", split, self.domain.config.tokenizer, cache)
+        ids = torch.cat([self.domain.encode(images[i:i + 512]).ids for i in range(0, len(images), 512)])
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(".tmp")
+        save_file({"ids": ids.contiguous()}, str(tmp))
+        tmp.replace(cache)
+        return ids
+
+    def _token_bytes(self) -> Tensor:
+        """UTF-8 bytes each text token stands for (bits per byte = total bits / total bytes)."""
+        tok = self.domain.tok
+        if self.domain.config.tokenizer == "bytes":
+            return torch.ones(256, dtype=torch.long)
+        # byte-level BPE: every character of a token's string stands for exactly one byte
+        return torch.tensor([len(tok.tok.id_to_token(i)) for i in range(tok.vocab_size)], dtype=torch.long)
+
+    def _max_coordinate(self) -> int:
+        if self.is_text:
+            return self.context + 1
+        return int(self.positions.max()) + 2  # + the one-token prefix
+
+    def train_sampler(self, batch_size: int, seed: int = 0, rank: int = 0):
+        if self.is_text:
+            return WindowSampler(len(self.train_ids), self.context + 1, batch_size, seed, rank)
+        return ExampleSampler(len(self.train_ids), batch_size, seed, rank)
+
+    def prefix(self, labels: Tensor | None, batch_size: int) -> tuple[TokenSequence | None, TokenSequence | None]:
+        """(condition, null condition) for image rows; a start token when unconditional."""
+        if self.is_text:
+            return None, None
+        if self.label is not None:
+            return self.label.encode(labels), self.label.null(batch_size)
+        bos = torch.full((batch_size, 1), self.domain.spec.bos_id, dtype=torch.long)
+        return TokenSequence.from_ids(bos, modality=0), None
+
+    def examples(self, ids: Tensor) -> TokenSequence:
+        B = ids.shape[0]
+        return TokenSequence.from_ids(ids, pos=self.positions.unsqueeze(0).expand(B, -1, -1).clone(), modality=0)
+
+    def make_batch(self, draw: Tensor, generator: torch.Generator | None = None, progress: float = 0.0,
+                   split: str = "train", cond_dropout: bool = True) -> Batch:
+        """Indices (images) or window starts (text) from a sampler -> a Batch arranged by the paradigm."""
+        ids = self.train_ids if split == "train" else self.heldout_ids
+        if self.is_text:
+            seq = self.domain.windows(ids, draw, self.context + 1)
+            return self.paradigm.prepare(seq, None, generator=generator, progress=progress)
+        labels = None
+        if self.label is not None:
+            labels = (self.train_labels if split == "train" else self.heldout_labels)[draw]
+        cond, null = self.prefix(labels, len(draw))
+        return self.paradigm.prepare(self.examples(ids[draw]), cond, null_prefix=null if cond_dropout else None,
+                                     generator=generator, progress=progress)
+
+    # ------------------------------------------------------------------ held-out likelihood
+    def heldout_batches(self, batch_size: int, max_batches: int = 0, stride: int = 0) -> Iterator[tuple[Batch, Tensor]]:
+        """Deterministic batches covering the held-out split; yields (batch, dims) where dims is the
+        number of raw dimensions (bytes / pixels) the batch's scored tokens stand for."""
+        count = 0
+        if self.is_text:
+            N, W = len(self.heldout_ids), self.context + 1
+            if N < 2:
+                raise SeqgenError("the held-out text is shorter than two tokens")
+            W = min(W, N)
+            S = stride or max(1, (W - 1) // 2)
+            starts = list(range(0, N - W + 1, S))
+            if starts[-1] + W < N:
+                starts.append(N - W)
+            scored_until = 0  # absolute index of the last scored target
+            for i in range(0, len(starts), batch_size):
+                st = torch.tensor(starts[i:i + batch_size])
+                batch = self.paradigm.prepare(self.domain.windows(self.heldout_ids, st, W), None)
+                target_abs = st.view(-1, 1) + torch.arange(1, W)  # (B, W-1)
+                keep = torch.zeros_like(batch.loss_mask)
+                for r in range(len(st)):
+                    keep[r] = target_abs[r] > scored_until
+                    scored_until = max(scored_until, int(target_abs[r, -1]))
+                batch.loss_mask = batch.loss_mask & keep
+                yield batch, self.token_bytes[batch.targets[batch.loss_mask]].sum()
+                count += 1
+                if max_batches and count >= max_batches:
+                    return
+            return
+        n = len(self.heldout_ids)
+        per_token = self.domain.dims_per_token
+        for i in range(0, n, batch_size):
+            draw = torch.arange(i, min(n, i + batch_size))
+            batch = self.make_batch(draw, progress=1.0, split="heldout", cond_dropout=False)
+            yield batch, torch.tensor(batch.loss_mask.sum().item() * per_token)
+            count += 1
+            if max_batches and count >= max_batches:
+                return
+
+    @torch.no_grad()
+    def evaluate_nll(self, model: nn.Module | None = None, batch_size: int = 256, max_batches: int = 0,
+                     stride: int = 0, device=None) -> dict[str, float]:
+        """Held-out NLL: nats per token, and bits per byte (text) or bits per dimension (images)."""
+        model = model or self.model
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        nll, tokens, dims = 0.0, 0, 0.0
+        try:
+            for batch, d in self.heldout_batches(batch_size, max_batches, stride):
+                _, m = model.loss(batch.to(device))
+                name = self.specs[0].name
+                nll += float(m[f"{name}/nll_sum"])
+                tokens += int(m[f"{name}/count"])
+                dims += float(d)
+        finally:
+            model.train(was_training)
+        out = {"heldout_nll": nll / max(tokens, 1), "heldout_tokens": tokens}
+        out["bits_per_byte" if self.is_text else "bits_per_dim"] = nll / LN2 / max(dims, 1e-9)
+        return out
+
+    def heldout_metrics(self, model=None, batch_size: int = 256, max_batches: int = 0, device=None) -> dict:
+        """What the trainer logs at each evaluation (the same for every task kind)."""
+        return self.evaluate_nll(model, batch_size=batch_size, max_batches=max_batches,
+                                 stride=self.cfg.eval.stride, device=device)
+
+    @staticmethod
+    def count_tokens(batch: Batch) -> int:
+        """Predicted tokens in a batch (the trainer's throughput counter)."""
+        return int(batch.loss_mask.sum())
+
+    # ------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def generate(self, model: nn.Module | None = None, n: int = 16, *, labels=None, generator=None,
+                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", order: str = "raster",
+                 length: int = 256, prompt: str = "\n", batch_size: int = 500,
+                 progress: Callable[[int, int], Any] | None = None):
+        """Draw samples.  Images: (images (n, H, W[, C]) in [0, 1], labels or None).  Text: list of str.
+
+        Class-conditional images default to n // classes samples of every class, in class order.
+        """
+        model = model or self.model
+        device = next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        if generator is None:
+            generator = torch.Generator(device=device) if device.type != "cpu" else torch.Generator()
+            generator.manual_seed(0)
+        knobs = dict(generator=generator, temperature=temperature, top_k=top_k, top_p=top_p, cfg_scale=cfg_scale,
+                     cfg_schedule=cfg_schedule, order=order)
+        try:
+            if self.is_text:
+                return self._generate_text(model, n, length, prompt, batch_size, device, knobs, progress)
+            return self._generate_images(model, n, labels, batch_size, device, knobs, progress)
+        finally:
+            model.train(was_training)
+
+    def _generate_images(self, model, n, labels, batch_size, device, knobs, progress):
+        if self.label is not None:
+            C = self.label.config.num_classes
+            if labels is None:
+                per = max(1, n // C)
+                labels = torch.arange(C).repeat_interleave(per)
+            labels = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+            n = len(labels)
+        elif labels is not None:
+            raise SeqgenError("this model is unconditional; it takes no labels")
+        if knobs["cfg_scale"] != 1.0 and self.label is None:
+            raise SeqgenError("classifier-free guidance needs a class-conditional model (condition: class)")
+        out = []
+        done = 0
+        total_steps = n * self.domain.length
+        for i in range(0, n, batch_size):
+            B = min(batch_size, n - i)
+            cond, null = self.prefix(None if labels is None else labels[i:i + B], B)
+            cb = None
+            if progress is not None:
+                def cb(t, T, _done=done):
+                    progress(_done + t * B, total_steps)
+            seq = self.paradigm.generate(model, cond.to(device), self.domain.layout(B, device),
+                                         null_prompt=None if null is None else null.to(device), progress=cb, **knobs)
+            out.append(self.domain.decode(seq))
+            done += B * self.domain.length
+        return np.concatenate(out), (None if labels is None else labels.numpy())
+
+    def _generate_text(self, model, n, length, prompt, batch_size, device, knobs, progress):
+        if knobs["cfg_scale"] != 1.0:
+            raise SeqgenError("classifier-free guidance needs a conditional model; text models here are unconditional")
+        if not prompt:
+            raise SeqgenError("text sampling needs a non-empty prompt to continue (e.g. a newline)")
+        p_ids = self.domain.encode_stream(prompt)
+        out = []
+        for i in range(0, n, batch_size):
+            B = min(batch_size, n - i)
+            pr = TokenSequence.from_ids(p_ids.unsqueeze(0).expand(B, -1).clone(), modality=0).to(device)
+            cb = None if progress is None else (lambda t, T, _i=i: progress(_i * length + t * B, n * length))
+            seq = self.paradigm.generate(model, pr, self.domain.layout(B, length, device), max_context=self.context,
+                                         progress=cb, **knobs)
+            out += self.domain.decode(seq)
+        return out
+
+    def write_samples(self, samples, path: str | Path, prompt: str = "\n") -> Path:
+        if self.is_text:
+            return self.domain.write_samples(samples, path, prompt=prompt)
+        images, labels = samples
+        nrow = self.label.config.num_classes if labels is not None else None
+        return self.domain.write_samples(images, path, nrow=nrow)
+
+
+def build_task(cfg: RunConfig, run_dir: str | Path | None = None):
+    if cfg.task == "tokenizer":
+        from .domains.tokenizers import TokenizerTask
+
+        return TokenizerTask(cfg, run_dir)
+    return GenerativeTask(cfg, run_dir)
+
+
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", ema: bool = True):
+    """Rebuild a run from its folder alone (config + weights of the newest checkpoint)."""
+    ckpt = require_checkpoint(Path(run_dir))
+    cfg = RunConfig.from_dict(read_config(ckpt))
+    task = build_task(cfg, run_dir)
+    weights = ckpt / "ema.safetensors" if ema and (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+    load_weights(task.model, weights)
+    task.model.to(device)
+    task.model.eval()
+    task.checkpoint = ckpt
+    return task

@@ -1,0 +1,58 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def tiny_digits_config(**over) -> dict:
+    """A class-conditional digits run small enough for a unit test (seconds on a CPU)."""
+    cfg = {
+        "name": "tiny_digits",
+        "seed": 0,
+        "condition": "class",
+        "data": {"name": "digits", "heldout": 300},
+        "domain": {"name": "image", "height": 8, "width": 8, "levels": 17},
+        "backbone": {"name": "transformer", "dim": 32, "layers": 2, "heads": 4, "kv_heads": 2},
+        "head": {"name": "categorical"},
+        "paradigm": {"name": "ar"},
+        "train": {"steps": 20, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 0,
+                  "log_every": 1, "ckpt_every": 10, "eval_batches": 1},
+        "sample": {"num": 10},
+        "eval": {"samples_per_class": 5},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+@pytest.fixture
+def tiny_cfg():
+    return tiny_digits_config
+
+
+@pytest.fixture
+def text_dir(tmp_path):
+    d = tmp_path / "texts"
+    d.mkdir()
+    words = "to be or not to be that is the question whether tis nobler in the mind to suffer".split()
+    g = torch.Generator().manual_seed(0)
+    for i in range(3):
+        idx = torch.randint(0, len(words), (600,), generator=g).tolist()
+        (d / f"part{i}.txt").write_text(" ".join(words[j] for j in idx) + "\n")
+    return d

@@ -56,8 +56,9 @@ def cmd_train(argv: list[str]) -> int:
     from .train import train
 
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
-    print(f"run folder: {out}")
-    return 0 if summary else 1
+    if summary.get("global_rank", 0) == 0:
+        print(f"run folder: {out}")
+    return 0
 
 
 # ------------------------------------------------------------------------------------------ sample

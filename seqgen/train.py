@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -129,8 +130,10 @@ def make_fabric(cfg: RunConfig):
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if accelerator in ("cuda", "gpu") else "32-true"
-    return Fabric(accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
-                  num_nodes=t.num_nodes)
+    fabric = Fabric(accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
+                    num_nodes=t.num_nodes)
+    fabric.seqgen_precision = precision
+    return fabric
 
 
 def _full_state(fabric, module: nn.Module) -> dict:
@@ -162,10 +165,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
 
     run_dir = Path(run_dir)
     t = cfg.train
+    warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     fabric = make_fabric(cfg)
     fabric.launch()
     if t.threads:
         torch.set_num_threads(t.threads)
+    elif fabric.device.type == "cpu" and fabric.world_size > 1:
+        # share the cores between the processes on this node instead of oversubscribing them
+        local = max(1, fabric.world_size // max(1, t.num_nodes))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local))
     if fabric.is_global_zero:
         prepare_run_dir(run_dir, resume, overwrite)
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -217,7 +225,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
     tb = _tensorboard(run_dir) if fabric.is_global_zero else None
     summary = {"run_dir": str(run_dir), "parameters": n_params, "device": str(fabric.device),
-               "precision": str(fabric.strategy.precision.__class__.__name__), "world_size": fabric.world_size}
+               "precision": fabric.seqgen_precision, "world_size": fabric.world_size,
+               "global_rank": fabric.global_rank}
     fabric.print(f"seqgen: {cfg.name}: {n_params / 1e6:.3f}M parameters on {fabric.device} "
                  f"({fabric.world_size} process{'es' if fabric.world_size > 1 else ''})")
 

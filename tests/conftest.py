@@ -7,6 +7,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# Test models are tiny: one thread is fastest, and it keeps parallel processes (DDP tests, a second
+# job on the machine) from oversubscribing the cores, which slows OpenMP down by orders of magnitude.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

@@ -1,0 +1,132 @@
+"""The trainer: determinism, resume after a kill, DDP replicas, checkpoints."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from seqgen.checkpoint import CheckpointError, latest_checkpoint, read_train_state, read_weights
+from seqgen.config import RunConfig
+from seqgen.train import lr_lambda, train
+
+from conftest import tiny_digits_config
+
+
+def curve(run_dir: Path) -> list[tuple[int, float]]:
+    with open(run_dir / "logs" / "metrics.csv") as f:
+        return [(int(r["step"]), float(r["train_loss"])) for r in csv.DictReader(f) if r.get("train_loss")]
+
+
+def run(cfg: dict, out: Path, **kw) -> dict:
+    return train(RunConfig.from_dict(cfg), out, progress_bar=False, **kw)
+
+
+def test_same_seed_same_loss_curve_for_20_steps(tmp_path):
+    cfg = tiny_digits_config(paradigm={"name": "ar", "order": "random"}, backbone={"dropout": 0.1})
+    run(cfg, tmp_path / "a")
+    run(cfg, tmp_path / "b")
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert len(a) == 20 and a == b
+    assert a[-1][1] < a[0][1]  # and it learns
+    other = run(tiny_digits_config(seed=1), tmp_path / "c")
+    assert curve(tmp_path / "c") != a and other["steps"] == 20
+
+
+def test_stopped_and_resumed_run_lands_on_the_same_curve(tmp_path):
+    cfg = tiny_digits_config(paradigm={"name": "ar", "order": "random"}, backbone={"dropout": 0.1},
+                             train={"ema": 0.9})
+    run(cfg, tmp_path / "full")
+    run(cfg, tmp_path / "part", stop_after=10)
+    assert curve(tmp_path / "part")[-1][0] == 10
+    run(cfg, tmp_path / "part", resume=True)
+    assert curve(tmp_path / "part") == curve(tmp_path / "full")
+    wa = read_weights(latest_checkpoint(tmp_path / "full") / "model.safetensors")
+    wb = read_weights(latest_checkpoint(tmp_path / "part") / "model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ea = read_weights(latest_checkpoint(tmp_path / "full") / "ema.safetensors")
+    eb = read_weights(latest_checkpoint(tmp_path / "part") / "ema.safetensors")
+    assert all(torch.equal(ea[k], eb[k]) for k in ea)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_on_the_same_curve(tmp_path):
+    """SIGKILL a real `seqgen train` between checkpoints; --resume must reproduce the uninterrupted curve."""
+    cfg = tiny_digits_config(train={"steps": 400, "ckpt_every": 50, "batch_size": 32}, backbone={"dim": 48})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    cmd = [sys.executable, "-m", "seqgen.cli", "train", str(path), "--no-progress"]
+    subprocess.run(cmd + ["--out", str(tmp_path / "full")], check=True, capture_output=True)
+    proc = subprocess.Popen(cmd + ["--out", str(tmp_path / "killed")], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    metrics = tmp_path / "killed" / "logs" / "metrics.csv"
+    deadline = time.time() + 120
+    killed_at = None
+    while time.time() < deadline and proc.poll() is None:
+        rows = curve(tmp_path / "killed") if metrics.exists() else []
+        if rows and rows[-1][0] >= 130:
+            proc.send_signal(signal.SIGKILL)
+            killed_at = rows[-1][0]
+            break
+        time.sleep(0.02)
+    proc.wait()
+    if killed_at is None:
+        pytest.skip("the run finished before it could be killed (machine too fast)")
+    assert killed_at < 400 and latest_checkpoint(tmp_path / "killed").name < "step_00000400"
+    subprocess.run(cmd + ["--out", str(tmp_path / "killed"), "--resume"], check=True, capture_output=True)
+    assert curve(tmp_path / "killed") == curve(tmp_path / "full")
+
+
+@pytest.mark.slow
+def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
+    cfg = tiny_digits_config(train={"steps": 6, "devices": 2, "strategy": "ddp", "accelerator": "cpu"})
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    r = subprocess.run([sys.executable, "-m", "seqgen.cli", "train", str(path), "--no-progress", "--out",
+                        str(tmp_path / "ddp")], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_identical"] is True and summary["steps"] == 6
+    state = read_train_state(latest_checkpoint(tmp_path / "ddp"))
+    assert isinstance(state["sampler"], list) and len(state["sampler"]) == 2  # each rank's data position
+
+
+def test_checkpoint_contents_and_atomic_layout(tmp_path):
+    cfg = tiny_digits_config(train={"steps": 12, "ckpt_every": 5, "keep_checkpoints": 2})
+    run(cfg, tmp_path / "r")
+    ck = tmp_path / "r" / "checkpoints"
+    assert sorted(p.name for p in ck.iterdir() if p.is_dir()) == ["step_00000010", "step_00000012"]
+    assert (ck / "latest").read_text() == "step_00000012"
+    assert not list(ck.glob(".tmp*"))
+    state = read_train_state(ck / "step_00000012")  # weights_only=True
+    assert state["step"] == 12 and "optimizer" in state and "scheduler" in state
+    saved = json.loads((ck / "step_00000012" / "config.json").read_text())
+    assert RunConfig.from_dict(saved).to_dict() == RunConfig.from_dict(cfg).to_dict()
+
+
+def test_existing_run_needs_resume_or_overwrite(tmp_path):
+    cfg = tiny_digits_config(train={"steps": 2})
+    run(cfg, tmp_path / "r")
+    with pytest.raises(Exception, match="--resume"):
+        run(cfg, tmp_path / "r")
+    assert run(cfg, tmp_path / "r", overwrite=True)["steps"] == 2
+
+
+def test_resume_with_a_different_model_config_is_refused(tmp_path):
+    run(tiny_digits_config(train={"steps": 4}), tmp_path / "r")
+    with pytest.raises(CheckpointError, match="backbone.dim: 32 -> 64"):
+        run(tiny_digits_config(train={"steps": 8}, backbone={"dim": 64}), tmp_path / "r", resume=True)
+    # changing only the step budget is fine: training continues
+    assert run(tiny_digits_config(train={"steps": 6}), tmp_path / "r", resume=True)["steps"] == 6
+
+
+def test_lr_schedule_warmup_then_cosine():
+    f = lr_lambda(10, 110, 0.1)
+    assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
+    assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)

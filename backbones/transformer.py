@@ -133,7 +133,8 @@ class Transformer(nn.Module):
 
     def forward(self, x: Tensor, *, pos: Tensor, mask: MaskSpec, cache: KVCache | None = None,
                 valid: Tensor | None = None, attn_impl: str | None = None) -> Tensor:
-        """x (B, L, D), pos (B, L, 3) -> (B, L, D).  With a cache, x holds only the new tokens."""
+        """x (B, L, D), pos (B, L, 3) -> (B, L, D).  With a cache, x holds only the new tokens.
+        valid (B, L) marks padding (None: no padding, which saves a host sync while decoding)."""
         B, L, D = x.shape
         if D != self.dim:
             raise SeqgenError(f"transformer expects width {self.dim}, got input of shape {tuple(x.shape)}")
@@ -145,11 +146,12 @@ class Transformer(nn.Module):
             cache.check_room(L)
             offset = cache.length
         kv_len = offset + L
-        if valid is not None or cache is not None:
-            v = valid if valid is not None else torch.ones(B, L, dtype=torch.bool, device=x.device)
-            kv_valid = cache.set_valid(v) if cache is not None else v
-            if not bool(kv_valid.all()):
+        if cache is not None:
+            kv_valid = cache.set_valid(valid, L)
+            if cache.has_padding:
                 mask = mask & KeyValid(kv_valid)
+        elif valid is not None and not bool(valid.all()):
+            mask = mask & KeyValid(valid)
         compiled = compile_mask(mask, batch_size=B, q_len=L, kv_len=kv_len, q_offset=offset, impl=impl,
                                 device=x.device)
         cos, sin = self.rope.angles(pos)

@@ -26,6 +26,7 @@ class KVCache:
         self.valid = torch.zeros(batch_size, max_len, dtype=torch.bool, device=device)
         self.max_len = max_len
         self.length = 0
+        self.has_padding = False  # any appended token invalid? (keeps decoding free of host syncs)
 
     @property
     def batch_size(self) -> int:
@@ -46,10 +47,14 @@ class KVCache:
         self.v[layer, :, :, self.length:end] = v
         return self.k[layer, :, :, :end], self.v[layer, :, :, :end]
 
-    def set_valid(self, valid: Tensor) -> Tensor:
-        """Record which of the n new tokens are real; return (B, length + n) validity of all keys."""
-        n = valid.shape[1]
-        self.valid[:, self.length:self.length + n] = valid
+    def set_valid(self, valid: Tensor | None, n: int) -> Tensor:
+        """Record which of the n new tokens are real (None: all of them); return the (B, length + n)
+        validity of all keys."""
+        if valid is None:
+            self.valid[:, self.length:self.length + n] = True
+        else:
+            self.valid[:, self.length:self.length + n] = valid
+            self.has_padding = self.has_padding or not bool(valid.all())
         return self.valid[:, :self.length + n]
 
     def advance(self, n: int) -> None:
@@ -59,6 +64,7 @@ class KVCache:
         if not 0 <= n <= self.length:
             raise SeqgenError(f"cannot truncate a cache of length {self.length} to {n}")
         self.length = n
+        self.has_padding = self.has_padding and not bool(self.valid[:, :n].all())
 
     def select(self, index) -> "KVCache":
         self.k, self.v, self.valid = self.k[:, index], self.v[:, index], self.valid[index]

@@ -63,6 +63,9 @@ class TrainConfig:
     keep_checkpoints: int = 2
     time_limit: float = 0.0
     """stop (and save) once training has run this many seconds; 0 disables"""
+    schedule: str = "steps"
+    """steps: the cosine decay (and RAR annealing) run over train.steps; time: over train.time_limit
+    seconds of training (a fixed wall-clock budget; then train.steps is only an upper bound)"""
     precision: str = "auto"
     """auto (32-true on CPU, bf16-mixed on GPU) or any Fabric precision"""
     accelerator: str = "auto"

@@ -163,11 +163,13 @@ def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per
     clf = digit_classifier(task.splits)
     pred, real_feats = classify(clf, task.splits.heldout)
     res["classifier_heldout_accuracy"] = float((pred == task.splits.heldout_labels).mean())
-    ref = np.asarray(task.splits.train)[:len(task.splits.heldout)]
-    res["fd_real_train_vs_heldout"] = frechet_distance(classify(clf, ref)[1], real_feats)
     per = samples_per_class or e.samples_per_class
     C = task.label.config.num_classes
     labels = np.repeat(np.arange(C), per)
+    # reference: real training images (a random subset as large as the sample set) against held-out
+    pick = np.random.default_rng(e.seed).permutation(len(task.splits.train))[:len(labels)]
+    ref = np.asarray(task.splits.train)[np.sort(pick)]
+    res["fd_real_train_vs_heldout"] = frechet_distance(classify(clf, ref)[1], real_feats)
     for tag, scale in (("temperature_1", 1.0), ("guided", cfg_scale or e.cfg_scale)):
         g = torch.Generator(device=device)
         g.manual_seed(e.seed)
@@ -187,7 +189,8 @@ def format_table(res: dict) -> str:
     rows = [("run", res.get("name", "")), ("checkpoint", res.get("checkpoint", "")),
             ("parameters", f"{res.get('parameters', 0) / 1e6:.3f}M")]
     for k in ("bits_per_dim", "bits_per_byte", "heldout_nll", "classifier_heldout_accuracy",
-              "fd_real_train_vs_heldout", "recon_mse", "recon_psnr", "codebook_usage", "code_perplexity"):
+              "fd_real_train_vs_heldout", "recon_mse", "recon_psnr", "mean_image_mse", "codebook_usage",
+              "code_perplexity"):
         if k in res:
             rows.append((k, f"{res[k]:.4f}"))
     for tag in ("temperature_1", "guided"):

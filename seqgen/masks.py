@@ -316,6 +316,8 @@ def compile_mask(spec: MaskSpec, *, batch_size: int, q_len: int, kv_len: int, q_
 def _block_mask(spec: MaskSpec, batch_size: int, q_len: int, kv_len: int, q_offset: int, device):
     from torch.nn.attention.flex_attention import create_block_mask
 
+    device = torch.device(device) if device is not None else torch.device("cpu")  # torch's default is cuda
+
     B = batch_size if spec.batch_dependent else None
     key = spec.key()
     cache_key = None if key is None else (key, B, q_len, kv_len, q_offset, str(device))

@@ -29,7 +29,7 @@ class TargetPositionEmbedding(nn.Module):
             nn.init.normal_(t.weight, std=0.02)
 
     def forward(self, target_pos: Tensor) -> Tensor:
-        if target_pos.numel() and int(target_pos.max()) >= self.max_pos:
+        if target_pos.device.type == "cpu" and target_pos.numel() and int(target_pos.max()) >= self.max_pos:
             raise SeqgenError(f"target position {int(target_pos.max())} exceeds the model's max_target_pos "
                               f"({self.max_pos}); raise model.max_target_pos")
         tp = target_pos.clamp(min=0)
@@ -105,11 +105,12 @@ class SeqModel(nn.Module):
         return x
 
     def forward(self, seq: TokenSequence, *, mask: MaskSpec, cache: Any = None, target_pos: Tensor | None = None,
-                attn_impl: str | None = None) -> Tensor:
-        """Hidden states (B, L, D) for every position of ``seq``."""
+                attn_impl: str | None = None, padded: bool = True) -> Tensor:
+        """Hidden states (B, L, D) for every position of ``seq``.  ``padded=False`` promises that every
+        token is valid (decoding steps), so the backbone need not inspect ``seq.valid``."""
         x = self.embed(seq, target_pos)
         kwargs = {"attn_impl": attn_impl} if attn_impl is not None else {}
-        return self.backbone(x, pos=seq.pos, mask=mask, cache=cache, valid=seq.valid, **kwargs)
+        return self.backbone(x, pos=seq.pos, mask=mask, cache=cache, valid=seq.valid if padded else None, **kwargs)
 
     def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
         """Token-mean loss over ``batch.loss_mask``; metrics hold per-domain NLL sums (nats) and counts."""
@@ -134,6 +135,8 @@ class SeqModel(nn.Module):
 
     def predict_head_index(self, target_modality: Tensor) -> int:
         """The single head index a decoding step uses (all rows must predict the same domain)."""
+        if len(self.heads) == 1:  # no need to look (and to sync with the device)
+            return next(i for i, s in enumerate(self.specs) if s.name in self.heads)
         m = target_modality.reshape(-1)
         k = int(m[0])
         if m.numel() > 1 and bool((m != k).any()):

@@ -55,6 +55,13 @@ def lr_lambda(warmup: int, total: int, min_ratio: float):
     return f
 
 
+def lr_time(step: int, progress: float, warmup: int, min_ratio: float) -> float:
+    """LR multiplier for a wall-clock schedule: warmup over steps, cosine over the time fraction."""
+    if warmup > 0 and step < warmup:
+        return (step + 1) / warmup
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
 class EMA:
     """Exponential moving average of the weights (kept in float32 on the model's device)."""
 
@@ -121,7 +128,10 @@ def _tensorboard(run_dir: Path):
 
 # ---------------------------------------------------------------------------------- fabric
 def make_fabric(cfg: RunConfig):
-    from lightning_fabric import Fabric
+    try:
+        from lightning_fabric import Fabric
+    except ImportError:  # the `lightning` distribution ships the same Fabric as lightning.fabric
+        from lightning.fabric import Fabric
 
     t = cfg.train
     accelerator = t.accelerator
@@ -165,6 +175,10 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
 
     run_dir = Path(run_dir)
     t = cfg.train
+    if t.schedule not in ("steps", "time"):
+        raise SeqgenError(f"train.schedule must be steps or time, got {t.schedule!r}")
+    if t.schedule == "time" and t.time_limit <= 0:
+        raise SeqgenError("train.schedule: time needs train.time_limit > 0 (seconds)")
     warnings.filterwarnings("ignore", message=".*all_gather is deprecated.*")
     fabric = make_fabric(cfg)
     fabric.launch()
@@ -198,7 +212,8 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     objective = Objective(model)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             fused=fabric.device.type == "cuda" or None)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
+    lr_fn = lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
     if t.compile:
         objective = torch.compile(objective)
     objective, opt = fabric.setup(objective, opt)
@@ -240,7 +255,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                              if samplers is not None else sampler.state_dict())
             save_checkpoint(run_dir, at, model_state, cfg.to_dict(),
                             {"step": at, "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                             "sampler": sampler_state},
+                             "sampler": sampler_state, "train_seconds": time.time() - t0 + elapsed_before},
                             ema_state=None if ema is None else ema.state_dict(), keep=t.keep_checkpoints)
         fabric.barrier()
 
@@ -258,6 +273,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             model.load_state_dict(backup)
         return res
 
+    elapsed_before = float(state.get("train_seconds", 0.0)) if ckpt is not None else 0.0
     bar = None
     if progress_bar and fabric.is_global_zero:
         from tqdm.auto import tqdm
@@ -270,7 +286,14 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     while step < t.steps:
         g = step_generator(cfg.seed, step, fabric.global_rank)
         torch.manual_seed(cfg.seed * 7919 + step * 31 + fabric.global_rank)  # dropout
-        progress = step / max(1, t.steps)
+        if t.schedule == "time":
+            # a wall-clock budget: progress is the fraction of time used; the LR follows it
+            progress = min(1.0, (time.time() - t0 + elapsed_before) / t.time_limit)
+            scale = lr_time(step, progress, t.warmup_steps, t.min_lr_ratio)
+            for group, base in zip(opt.param_groups, sched.base_lrs):
+                group["lr"] = base * scale
+        else:
+            progress = step / max(1, t.steps)
         loss_sum = 0.0
         for micro in range(t.grad_accum):
             batch = task.make_batch(sampler.next(), generator=g, progress=progress).to(fabric.device)
@@ -284,16 +307,17 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         gnorm = fabric.clip_gradients(objective, opt, max_norm=t.grad_clip) if t.grad_clip > 0 else None
         opt.step()
         opt.zero_grad(set_to_none=True)
-        sched.step()
+        if t.schedule == "steps":
+            sched.step()
         step += 1
         if ema is not None:
             ema.update(model, step)
         if bar is not None:
             bar.update(1)
-            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{sched.get_last_lr()[0]:.2e}", refresh=False)
+            bar.set_postfix(loss=f"{loss_sum:.4f}", lr=f"{opt.param_groups[0]['lr']:.2e}", refresh=False)
         if step % t.log_every == 0 or step == t.steps:
             now = time.time()
-            row = {"step": step, "train_loss": loss_sum, "lr": sched.get_last_lr()[0],
+            row = {"step": step, "train_loss": loss_sum, "lr": opt.param_groups[0]["lr"],
                    "tokens_per_s": (seen_tokens - last_log_tokens) / max(now - last_log_t, 1e-9),
                    "elapsed_s": now - t0}
             if gnorm is not None:
@@ -304,7 +328,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 if tb is not None:
                     tb.log_metrics({k: v for k, v in row.items() if k != "step"}, step)
             last_metrics.update(row)
-        timed_out = t.time_limit > 0 and time.time() - t0 > t.time_limit
+        timed_out = t.time_limit > 0 and time.time() - t0 + elapsed_before > t.time_limit
         final = step == t.steps or timed_out or (stop_after is not None and step >= stop_after)
         if t.eval_every and step % t.eval_every == 0 and not final:
             res = evaluate(t.eval_batches)

@@ -108,26 +108,27 @@ def test_ref_sdpa_flex_forward_agree(name, q_len, off):
     spec = SPECS[name]()
     q, k, v = qkv(q_len=q_len)
     outs = {}
-    for impl in ("ref", "sdpa", "flex"):
+    for impl in ("ref", "sdpa", "math", "flex"):
         m = compile_mask(spec, batch_size=B, q_len=q_len, kv_len=L, q_offset=off, impl=impl)
         with torch.no_grad():
             outs[impl] = attention(q, k, v, m, impl=impl)
-    torch.testing.assert_close(outs["sdpa"], outs["ref"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outs["flex"], outs["ref"], atol=1e-5, rtol=1e-5)
+    for impl in ("sdpa", "math", "flex"):
+        torch.testing.assert_close(outs[impl], outs["ref"], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
-def test_ref_sdpa_gradients_agree(name):
+def test_ref_sdpa_math_gradients_agree(name):
     spec = SPECS[name]()
     grads = {}
-    for impl in ("ref", "sdpa"):
+    for impl in ("ref", "sdpa", "math"):
         q, k, v = qkv(grad=True)
         m = compile_mask(spec, batch_size=B, q_len=L, kv_len=L, impl=impl)
         out = attention(q, k, v, m, impl=impl)
         (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
         grads[impl] = (q.grad, k.grad, v.grad)
-    for a, b in zip(grads["ref"], grads["sdpa"]):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+    for impl in ("sdpa", "math"):
+        for a, b in zip(grads["ref"], grads[impl]):
+            torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
 
 
 @pytest.mark.parametrize("name", list(SPECS))
@@ -135,7 +136,7 @@ def test_attention_gradient_leak(name):
     """No query's output depends on a key or value its mask hides (for every implementation with a backward)."""
     spec = SPECS[name]()
     allowed = dense(spec).expand(B, L, L)
-    for impl in ("ref", "sdpa"):
+    for impl in ("ref", "sdpa", "math"):
         for i in range(L):
             q, k, v = qkv(grad=True)
             m = compile_mask(spec, batch_size=B, q_len=L, kv_len=L, impl=impl)
@@ -155,7 +156,7 @@ def test_flex_has_a_clear_error_for_cpu_training():
 
 
 def test_unknown_impl_and_listing():
-    with pytest.raises(SeqgenError, match="known: auto, ref, sdpa, flex"):
+    with pytest.raises(SeqgenError, match="known: auto, ref, sdpa, math, flex"):
         q, k, v = qkv()
         attention(q, k, v, compile_mask(causal(), batch_size=B, q_len=L, kv_len=L), impl="nope")
     impls = available_impls()

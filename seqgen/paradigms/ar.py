@@ -198,7 +198,7 @@ class AutoRegressive:
                 continue
             if max_context is not None:
                 history = TokenSequence.cat(history, step, shift_positions=False)
-            h = model(step, mask=causal(), cache=cache, target_pos=step_tp)[:, -1]
+            h = model(step, mask=causal(), cache=cache, target_pos=step_tp, padded=False)[:, -1]
         # back to layout order
         inv = perm.argsort(dim=1)
         return layout.replace(ids=torch.gather(ids, 1, inv))

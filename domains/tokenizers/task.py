@@ -1,0 +1,215 @@
+"""A tokenizer run (``task: tokenizer``): train a patch tokenizer on a data set's images with the normal
+trainer, measure it, and load a trained one for the image domain.
+
+    seqgen train examples/configs/mnist_fsq.yaml --out runs/mnist_fsq   # TokenizerTask drives the trainer
+    seqgen eval runs/mnist_fsq                                          # TokenizerTask.evaluate_run
+    seqgen sample runs/mnist_fsq                                        # originals over reconstructions
+    tk = load_tokenizer("runs/mnist_fsq")                               # what ImageDomain(tokenizer=...) uses
+    codes = tk.encode(x)   # (N, 28, 28, 1) in [0, 1] -> (N, 7, 7) long
+    x_hat = tk.decode(codes)
+
+Held-out metrics: ``recon_mse`` (mean squared error per pixel and channel), ``recon_psnr``
+(10 log10(1 / recon_mse), pixels in [0, 1]), ``mean_image_mse`` (the MSE of always predicting the
+training split's mean image: a tokenizer must do much better), ``codebook_usage`` (fraction of the
+prod(levels) codes used at least once on the held-out split) and ``code_perplexity`` (exp of the
+entropy of the held-out code histogram: the effective number of codes in use).
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from seqgen.checkpoint import latest_checkpoint, read_config, read_weights
+from seqgen.data import ExampleSampler
+from seqgen.registry import TOKENIZERS
+from seqgen.types import SeqgenError
+
+log = logging.getLogger(__name__)
+
+CODES_DIR = "codes"  # where GenerativeTask caches a data set's codes, inside the tokenizer's run folder
+
+
+@dataclass
+class ImageBatch:
+    """A training batch of a tokenizer run: images (N, H, W, C) floats in [0, 1]."""
+
+    images: Tensor
+
+    def to(self, device) -> "ImageBatch":
+        return ImageBatch(self.images.to(device))
+
+
+def as_nhwc(images) -> Tensor:
+    """(N, H, W) or (N, H, W, C) array -> (N, H, W, C) float32 tensor."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.float32))
+    if x.dim() == 3:
+        x = x.unsqueeze(-1)
+    if x.dim() != 4:
+        raise SeqgenError(f"tokenizer: expected images of shape (N, H, W) or (N, H, W, C); got {tuple(x.shape)}")
+    return x
+
+
+def code_statistics(indices: Tensor, vocab_size: int) -> dict[str, float]:
+    """Codebook usage (fraction of codes seen) and perplexity (exp entropy) of a set of code indices."""
+    counts = torch.bincount(indices.reshape(-1).cpu(), minlength=vocab_size).double()
+    p = counts / counts.sum().clamp_min(1)
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return {"codebook_usage": float((counts > 0).sum()) / vocab_size, "code_perplexity": float(entropy.exp())}
+
+
+class TokenizerTask:
+    """What the trainer, ``seqgen eval`` and ``seqgen sample`` need from a tokenizer run."""
+
+    def __init__(self, cfg, run_dir: str | Path | None = None, splits=None):
+        if cfg.task != "tokenizer":
+            raise SeqgenError(f"TokenizerTask needs task: tokenizer, got {cfg.task!r}")
+        self.cfg = cfg
+        self.run_dir = Path(run_dir) if run_dir is not None else None
+        self.splits = splits if splits is not None else cfg.build("data").load()
+        if self.splits.kind != "image":
+            raise SeqgenError(f"a tokenizer run needs an image data set; {cfg.component('data')[0]!r} holds "
+                              f"{self.splits.kind}")
+        self.train_images = as_nhwc(self.splits.train)  # (N, H, W, C)
+        self.heldout_images = as_nhwc(self.splits.heldout)
+        _, H, W, C = self.train_images.shape
+        if tuple(self.heldout_images.shape[1:]) != (H, W, C):
+            raise SeqgenError(f"tokenizer: held-out images are {tuple(self.heldout_images.shape[1:])}, "
+                              f"training images {(H, W, C)}")
+        self.model: nn.Module = cfg.build("tokenizer", height=H, width=W, channels=C)
+        self.checkpoint: Path | None = None  # set by seqgen.task.load_run
+
+    # ------------------------------------------------------------------ training
+    def train_sampler(self, batch_size: int, seed: int = 0, rank: int = 0) -> ExampleSampler:
+        return ExampleSampler(len(self.train_images), batch_size, seed, rank)
+
+    def make_batch(self, draw: Tensor, generator: torch.Generator | None = None, progress: float = 0.0,
+                   split: str = "train") -> ImageBatch:
+        """Image indices from the sampler -> a batch (the tokenizer needs no random arrangement)."""
+        images = self.train_images if split == "train" else self.heldout_images
+        return ImageBatch(images[draw])
+
+    def count_tokens(self, batch: ImageBatch) -> int:
+        """Codes (patches) in a batch: the trainer's throughput counter."""
+        h, w = self.model.grid
+        return batch.images.shape[0] * h * w
+
+    # ------------------------------------------------------------------ held-out metrics
+    @torch.no_grad()
+    def heldout_metrics(self, model: nn.Module | None = None, batch_size: int = 256, max_batches: int = 0,
+                        device=None) -> dict[str, float]:
+        model = model or self.model
+        device = device or next(model.parameters()).device
+        was_training = model.training
+        model.eval()
+        sq, n_dims, codes = 0.0, 0, []
+        try:
+            for b, i in enumerate(range(0, len(self.heldout_images), batch_size)):
+                if max_batches and b >= max_batches:
+                    break
+                x = self.heldout_images[i:i + batch_size].to(device)
+                recon, idx = model(x)
+                sq += float((recon.float() - x).pow(2).sum())
+                n_dims += x.numel()
+                codes.append(idx.cpu())
+        finally:
+            model.train(was_training)
+        mse = sq / max(n_dims, 1)
+        seen = torch.cat(codes)
+        mean_image = self.train_images.mean(0)
+        baseline = float((self.heldout_images[:len(seen)] - mean_image).pow(2).mean())
+        out = {"recon_mse": mse, "recon_psnr": 10 * math.log10(1 / max(mse, 1e-12)), "mean_image_mse": baseline}
+        out.update(code_statistics(seen, model.vocab_size))
+        return out
+
+    def evaluate_run(self, device=None) -> dict:
+        """``seqgen eval`` for a tokenizer run: held-out reconstruction and code statistics."""
+        device = torch.device(device or "cpu")
+        m = self.model.to(device)
+        t0 = time.time()
+        res = {"run": str(self.run_dir) if self.run_dir is not None else "",
+               "name": self.cfg.name, "checkpoint": self.checkpoint.name if self.checkpoint is not None else "",
+               "parameters": sum(p.numel() for p in m.parameters()),
+               "vocab_size": m.vocab_size, "grid": list(m.grid), "heldout_images": len(self.heldout_images)}
+        res.update(self.heldout_metrics(m, device=device))
+        res["seconds"] = time.time() - t0
+        return res
+
+    @torch.no_grad()
+    def write_reconstructions(self, path: str | Path, n: int = 32, device=None) -> Path:
+        """A PNG grid: ``n`` evenly spaced held-out images in the top rows, their reconstructions below."""
+        from seqgen.domains.image import save_image_grid
+
+        if n < 1:
+            raise SeqgenError(f"write_reconstructions: n must be >= 1, got {n}")
+        m = self.model.to(torch.device(device or "cpu")).eval()
+        N = len(self.heldout_images)
+        n = min(n, N)
+        x = self.heldout_images[torch.linspace(0, N - 1, n).round().long()]  # spread out: splits may be sorted by class
+        recon = m.decode(m.encode(x.to(m.geometry.device))).cpu()
+        cols = min(n, 16)
+        rows = math.ceil(n / cols)
+        blank = torch.full((rows * cols - n, *x.shape[1:]), 0.5)  # fill the last row of each half
+        grid = torch.cat([x, blank, recon, blank]).numpy()
+        if grid.shape[-1] == 1:
+            grid = grid[..., 0]
+        return save_image_grid(grid, path, nrow=2 * rows)
+
+
+# ------------------------------------------------------------------------------------------ loading
+def _not_a_tokenizer(run_dir: Path, why: str) -> SeqgenError:
+    return SeqgenError(f"tokenizer {str(run_dir)!r} {why}; set domain.tokenizer to 'pixels' or to the run folder "
+                       "of a trained tokenizer (seqgen train <config with task: tokenizer> --out DIR)")
+
+
+def load_tokenizer(run_dir: str | Path) -> nn.Module:
+    """Rebuild a trained tokenizer from its run folder alone: eval mode, on the CPU, no gradients.
+
+    Reads the newest checkpoint's config.json and weights (EMA weights when the run kept them, as
+    ``load_run`` does).  The returned module has ``height, width, channels, grid, vocab_size`` and
+    ``encode`` / ``decode``.  Codes cached from an older checkpoint (``RUN_DIR/codes``) are removed.
+    """
+    run_dir = Path(run_dir).expanduser()
+    if not run_dir.is_dir():
+        raise _not_a_tokenizer(run_dir, "is not a folder")
+    ckpt = latest_checkpoint(run_dir)
+    if ckpt is None:
+        raise _not_a_tokenizer(run_dir, "has no checkpoint (checkpoints/step_*/)")
+    config = read_config(ckpt)
+    if config.get("task") != "tokenizer":
+        raise _not_a_tokenizer(run_dir, f"holds a task: {config.get('task')!r} run, not a tokenizer run")
+    options = dict(config.get("tokenizer") or {})
+    name = options.pop("name", "fsq")
+    cls = TOKENIZERS.get(name)
+    weights = ckpt / "ema.safetensors" if (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+    try:
+        tk = cls.from_state(TOKENIZERS.make_config(name, options), read_weights(weights))
+    except RuntimeError as e:  # load_state_dict: names or shapes do not match the config
+        raise SeqgenError(f"tokenizer checkpoint {weights} does not match its config: {e}") from None
+    tk.eval().requires_grad_(False)
+    tk.run_dir, tk.checkpoint = run_dir, ckpt.name
+    _invalidate_stale_codes(run_dir, f"{ckpt.name}/{weights.name}")
+    return tk
+
+
+def _invalidate_stale_codes(run_dir: Path, stamp: str) -> None:
+    """Codes are cached per data set under RUN_DIR/codes; they belong to one checkpoint's weights."""
+    codes = run_dir / CODES_DIR
+    marker = codes / "checkpoint.txt"
+    if marker.exists() and marker.read_text().strip() == stamp:
+        return
+    if codes.exists():
+        log.info("tokenizer %s changed since its codes were cached; clearing %s", run_dir, codes)
+        shutil.rmtree(codes, ignore_errors=True)
+    codes.mkdir(parents=True, exist_ok=True)
+    tmp = codes / f".checkpoint.txt.tmp{os.getpid()}"
+    tmp.write_text(stamp + "\n")
+    os.replace(tmp, marker)

@@ -28,31 +28,34 @@ log = logging.getLogger(__name__)
 
 
 class SwiGLU(nn.Module):
+    # Separate gate / value projections: a fused one would be split in the forward and concatenated
+    # in the backward, which on CPUs costs more than the matmul fusion saves (benchmarks/bench_train.py).
     def __init__(self, dim: int, hidden: int):
         super().__init__()
-        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)  # gate and value projections, fused
+        self.w1 = nn.Linear(dim, hidden, bias=False)  # gate
+        self.w2 = nn.Linear(dim, hidden, bias=False)  # value
         self.w3 = nn.Linear(hidden, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        a, b = self.w12(x).chunk(2, dim=-1)
-        return self.w3(F.silu(a) * b)
+        return self.w3(F.silu(self.w1(x)) * self.w2(x))
 
 
 class Attention(nn.Module):
     def __init__(self, dim: int, heads: int, kv_heads: int):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim = heads, kv_heads, dim // heads
-        self.wqkv = nn.Linear(dim, (heads + 2 * kv_heads) * self.head_dim, bias=False)
+        self.wq = nn.Linear(dim, heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(dim, kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(heads * self.head_dim, dim, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, mask, impl: str, layer: int,
                 cache: KVCache | None) -> Tensor:
         B, L, _ = x.shape
         H, Hk, d = self.heads, self.kv_heads, self.head_dim
-        q, k, v = self.wqkv(x).split([H * d, Hk * d, Hk * d], dim=-1)
-        q = q.view(B, L, H, d).transpose(1, 2)  # (B, H, L, d)
-        k = k.view(B, L, Hk, d).transpose(1, 2)  # (B, Hk, L, d)
-        v = v.view(B, L, Hk, d).transpose(1, 2)
+        q = self.wq(x).view(B, L, H, d).transpose(1, 2)  # (B, H, L, d)
+        k = self.wk(x).view(B, L, Hk, d).transpose(1, 2)  # (B, Hk, L, d)
+        v = self.wv(x).view(B, L, Hk, d).transpose(1, 2)
         q, k = RotaryND.rotate(q, cos, sin), RotaryND.rotate(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, Hk, length + L, d)

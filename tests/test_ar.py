@@ -89,3 +89,37 @@ def test_bad_config_and_generate_errors():
     dom, data = image_data()
     with pytest.raises(SeqgenError, match="prompt"):
         AutoRegressive().generate(None, data.slice(0, 0), dom.layout(4))
+
+
+def test_text_prefix_conditions_an_image_model_with_guidance():
+    """A text prompt as the condition: two domains, each position embedded by its own table, the loss routed
+    to the image head, guidance against a null prompt of the same length, cached decoding intact."""
+    from seqgen.domains.text import TextDomain
+    from seqgen.model import SeqModel
+    from seqgen.registry import BACKBONES, HEADS
+
+    torch.manual_seed(0)
+    img = ImageDomain(ImageDomain.Config(height=4, width=4, levels=5), modality=0)
+    txt = TextDomain(TextDomain.Config(), modality=1)
+    bb = BACKBONES.build("transformer", {"dim": 32, "layers": 2, "heads": 4})
+    model = SeqModel([img.spec, txt.spec], bb, {"image": HEADS.build("categorical", {}, 32, img.spec)})
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(0, 5, (2, 4, 4), generator=g).float().numpy() / 4
+    prompt = txt.encode(["a dark seven", "a lit three!"])  # (2, 12) byte tokens
+    null = prompt.replace(ids=torch.full_like(prompt.ids, txt.spec.null_id))
+    p = AutoRegressive(AutoRegressive.Config(cond_dropout=0.5))
+    b = p.prepare(img.encode(x), prompt, null_prefix=null, generator=g)
+    assert b.inputs.length == 12 + 16 - 1 and int(b.loss_mask.sum()) == 2 * 16
+    assert (b.target_modality[b.loss_mask] == 0).all()
+    b.inputs.validate([img.spec, txt.spec], allow_special=True)
+    loss, metrics = model.loss(b)
+    loss.backward()
+    assert model.embeds["text"].weight.grad.abs().sum() > 0  # the prompt is read through the text table
+    assert int(metrics["image/count"]) == 32
+    model.eval()
+    out = p.generate(model, prompt, img.layout(2), null_prompt=null, cfg_scale=3.0, temperature=0.0)
+    again = p.generate(model, prompt, img.layout(2), null_prompt=null, cfg_scale=3.0, temperature=0.0)
+    assert torch.equal(out.ids, again.ids) and int(out.ids.max()) < 5
+    assert img.decode(out).shape == (2, 4, 4)
+    with pytest.raises(SeqgenError, match="null prompt"):
+        p.generate(model, prompt, img.layout(2), cfg_scale=3.0)

@@ -130,3 +130,18 @@ def test_lr_schedule_warmup_then_cosine():
     f = lr_lambda(10, 110, 0.1)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(60) == pytest.approx(0.55) and f(110) == pytest.approx(0.1) and f(500) == pytest.approx(0.1)
+
+
+def test_tensorboard_events_when_installed(tmp_path):
+    pytest.importorskip("tensorboard")
+    run(tiny_digits_config(train={"steps": 3}), tmp_path / "r")
+    assert list((tmp_path / "r" / "tensorboard").rglob("events.out.tfevents.*"))
+
+
+def test_csv_log_without_tensorboard(tmp_path, monkeypatch):
+    import seqgen.train as T
+
+    monkeypatch.setattr(T, "_tensorboard", lambda run_dir: None)
+    run(tiny_digits_config(train={"steps": 3}), tmp_path / "r")
+    rows = curve(tmp_path / "r")
+    assert [s for s, _ in rows] == [1, 2, 3]

@@ -89,3 +89,20 @@ def test_window_sampler_is_a_function_of_its_counter():
     assert int(torch.cat(draws).max()) <= 1000 - 33
     with pytest.raises(Exception, match="shorter than one window"):
         WindowSampler(10, 33, 8)
+
+
+def test_image_folder_with_class_subfolders(tmp_path):
+    from PIL import Image
+
+    from seqgen.datasets import ImageFolder
+
+    rng = np.random.default_rng(0)
+    for cls in ("cats", "dogs"):
+        (tmp_path / cls).mkdir()
+        for i in range(5):
+            Image.fromarray(rng.integers(0, 255, (12, 10, 3), dtype=np.uint8)).save(tmp_path / cls / f"{i}.png")
+    s = ImageFolder(ImageFolder.Config(path=str(tmp_path), height=8, width=8, channels=3, heldout_fraction=0.2)).load()
+    assert s.train.shape == (8, 8, 8, 3) and s.heldout.shape == (2, 8, 8, 3)
+    assert s.num_classes == 2 and s.info["classes"] == ["cats", "dogs"]
+    assert set(np.concatenate([s.train_labels, s.heldout_labels]).tolist()) == {0, 1}
+    assert 0 <= s.train.min() and s.train.max() <= 1

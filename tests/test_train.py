@@ -145,3 +145,21 @@ def test_csv_log_without_tensorboard(tmp_path, monkeypatch):
     run(tiny_digits_config(train={"steps": 3}), tmp_path / "r")
     rows = curve(tmp_path / "r")
     assert [s for s, _ in rows] == [1, 2, 3]
+
+
+def test_gradient_accumulation_matches_one_large_batch(tmp_path):
+    big = run(tiny_digits_config(train={"steps": 6, "batch_size": 16, "grad_accum": 1}), tmp_path / "a")
+    small = run(tiny_digits_config(train={"steps": 6, "batch_size": 8, "grad_accum": 2}), tmp_path / "b")
+    a, b = curve(tmp_path / "a"), curve(tmp_path / "b")
+    assert [s for s, _ in a] == [s for s, _ in b]
+    for (_, la), (_, lb) in zip(a, b):
+        assert la == pytest.approx(lb, rel=1e-4)
+    assert big["heldout_nll"] == pytest.approx(small["heldout_nll"], rel=1e-3)
+
+
+def test_periodic_heldout_evaluation_is_logged(tmp_path):
+    run(tiny_digits_config(train={"steps": 10, "eval_every": 4, "eval_batches": 2}), tmp_path / "r")
+    with open(tmp_path / "r" / "logs" / "metrics.csv") as f:
+        evals = [(int(r["step"]), float(r["eval_bits_per_dim"])) for r in csv.DictReader(f) if r.get("eval_bits_per_dim")]
+    assert [s for s, _ in evals] == [4, 8, 10]  # every 4 steps, and the full held-out split at the end
+    assert all(0 < v < 5 for _, v in evals)

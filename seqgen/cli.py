@@ -39,13 +39,11 @@ def cmd_train(argv: list[str]) -> int:
     if args.help:
         ap.print_help()
         if args.config:
-            from .config import COMPONENTS, TASKS, _load_source
+            from .config import DEFAULT_NAMES, TASKS, _load_source
 
             raw = _load_source(args.config)
             task = raw.get("task", "generative")
-            names = {s: (raw.get(s) or {}).get("name") or {"backbone": "transformer", "head": "categorical",
-                                                              "paradigm": "ar", "tokenizer": "fsq"}.get(s, "")
-                     for s in TASKS[task]}
+            names = {s: (raw.get(s) or {}).get("name") or DEFAULT_NAMES.get(s, "") for s in TASKS[task]}
             print("\nconfig options (override with --section.key=value):")
             build_parser(task, names).print_help()
         return 0

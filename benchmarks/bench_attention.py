@@ -77,7 +77,6 @@ def main() -> None:
             else:
                 row["fwd_bwd_ms"] = "n/a (no CPU backward)"
             rows.append(row)
-            del m
     print(f"attention: B={B} H={H} L={L} d={d} {dtype} on {device}")
     print_table(rows, ["mask", "impl", "fwd_ms", "fwd_bwd_ms", "fwd_TFLOPs", "fwd_bwd_TFLOPs", "max_abs_err_vs_ref"])
     write_json(args.out, "attention", device, rows, {"shape": {"B": B, "H": H, "L": L, "d": d, "dtype": str(dtype)}})

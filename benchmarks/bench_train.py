@@ -88,7 +88,6 @@ def main() -> None:
                 sec = timeit(step, device, warmup=3 if not args.compile else 5, iters=10)
             except Exception as e:  # one model failing to compile must not lose the other's numbers
                 rows.append({"model": name, "shape": f"D{D} x{layers} L{L} B{B}", "tokens_per_s": f"failed: {type(e).__name__}"})
-                del model, opt
                 continue
             tokens = B * L
             flops = 6 * n_params * tokens + 12 * layers * B * L * L * D // 2  # causal attention: half the scores
@@ -99,7 +98,6 @@ def main() -> None:
             if gpu:
                 row["peak_mem_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
             rows.append(row)
-            del model, opt
     print(f"training step (forward + backward + AdamW), compile={args.compile}, on {device}")
     print_table(rows, ["model", "shape", "params_M", "step_ms", "tokens_per_s", "TFLOPs", "MFU", "peak_mem_GB"])
     write_json(args.out, "train", device, rows, {"compile": args.compile})

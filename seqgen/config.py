@@ -24,8 +24,6 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
 import yaml
 
 from .registry import BACKBONES, DATASETS, DOMAINS, HEADS, PARADIGMS, TOKENIZERS, Registry

@@ -23,7 +23,6 @@ import json
 import logging
 import os
 import re
-import shutil
 import subprocess
 import sys
 import tarfile
@@ -135,10 +134,10 @@ class Digits:
         self.config = config or self.Config()
 
     def fetch(self) -> None:
-        try:
-            import sklearn  # noqa: F401
-        except ImportError:
-            raise DataUnavailableError("the digits data set ships inside scikit-learn: pip install scikit-learn") from None
+        import importlib.util
+
+        if importlib.util.find_spec("sklearn") is None:
+            raise DataUnavailableError("the digits data set ships inside scikit-learn: pip install scikit-learn")
 
     def load(self) -> RawSplits:
         self.fetch()
@@ -350,9 +349,3 @@ def fetch_dataset(name: str, options: dict | None = None) -> str:
     where = ds.fetch() if hasattr(ds, "fetch") else None
     return f"{name}: ready" + (f" ({where})" if where else "")
 
-
-def clear_cached(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()

@@ -267,10 +267,7 @@ class GenerativeTask:
         for i in range(0, n, batch_size):
             B = min(batch_size, n - i)
             cond, null = self.prefix(None if labels is None else labels[i:i + B], B)
-            cb = None
-            if progress is not None:
-                def cb(t, T, _done=done):
-                    progress(_done + t * B, total_steps)
+            cb = None if progress is None else (lambda t, T, _done=done: progress(_done + t * B, total_steps))
             seq = self.paradigm.generate(model, cond.to(device), self.domain.layout(B, device),
                                          null_prompt=None if null is None else null.to(device), progress=cb, **knobs)
             out.append(self.domain.decode(seq))

@@ -8,7 +8,7 @@ import torch
 from seqgen.checkpoint import CheckpointError, latest_checkpoint
 from seqgen.cli import main
 from seqgen.config import RunConfig
-from seqgen.datasets import ImageFolder, Shakespeare, TextFolder, shakespeare_text
+from seqgen.datasets import ImageFolder, TextFolder, shakespeare_text
 from seqgen.registry import BACKBONES
 from seqgen.task import load_run
 from seqgen.train import train

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from seqgen.data import ExampleSampler, WindowSampler
-from seqgen.datasets import Digits, RawSplits, Shakespeare, TextFolder, data_dir, split_text
+from seqgen.datasets import Digits, Shakespeare, TextFolder, data_dir, split_text
 from seqgen.evaluate import classify, compressor_bits_per_byte, digit_classifier, frechet_distance
 
 

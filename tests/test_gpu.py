@@ -1,7 +1,5 @@
 """Checks that need a CUDA device (skipped without one): bf16 training, FSDP pass-through, flex
 attention in a training model, cached decoding on the GPU."""
-import json
-
 import pytest
 import torch
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from seqgen.masks import (Causal, KeyValid, block_causal, block_mask_cache_info, causal, compile_mask, full, prefix,
+from seqgen.masks import (KeyValid, block_causal, block_mask_cache_info, causal, compile_mask, full, prefix,
                           same_document, sliding_window)
 from seqgen.ops.attention import attention, available_impls
 from seqgen.types import SeqgenError

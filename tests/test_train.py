@@ -1,7 +1,6 @@
 """The trainer: determinism, resume after a kill, DDP replicas, checkpoints."""
 import csv
 import json
-import os
 import signal
 import subprocess
 import sys

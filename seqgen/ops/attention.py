@@ -44,7 +44,7 @@ def available_impls() -> dict[str, str]:
     """Which implementations run on this machine, with a short note each."""
     out = {"ref": "yes", "sdpa": "yes", "math": "yes"}
     try:
-        from torch.nn.attention.flex_attention import flex_attention  # noqa: F401
+        import torch.nn.attention.flex_attention  # noqa: F401
         out["flex"] = "yes (compiled on GPU)" if torch.cuda.is_available() else "forward only (no CPU backward in torch)"
     except Exception as e:  # pragma: no cover - old torch
         out["flex"] = f"no ({type(e).__name__})"

@@ -328,7 +328,9 @@ def _block_mask(spec: MaskSpec, batch_size: int, q_len: int, kv_len: int, q_offs
     def mask_mod(b, h, q_idx, kv_idx):
         return spec.mod(b, h, q_idx + q_offset, kv_idx)
 
-    bm = create_block_mask(mask_mod, B, None, q_len, kv_len, device=device)
+    # On GPU, build the mask with a compiled kernel: masks that hold per-row segments (packing, block
+    # diffusion) change every batch and cannot be cached, and the eager build costs tens of ms there.
+    bm = create_block_mask(mask_mod, B, None, q_len, kv_len, device=device, _compile=device.type == "cuda")
     if cache_key is not None:
         _BLOCK_MASK_CACHE[cache_key] = bm
         while len(_BLOCK_MASK_CACHE) > _BLOCK_MASK_CACHE_SIZE:

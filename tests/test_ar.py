@@ -123,3 +123,26 @@ def test_text_prefix_conditions_an_image_model_with_guidance():
     assert img.decode(out).shape == (2, 4, 4)
     with pytest.raises(SeqgenError, match="null prompt"):
         p.generate(model, prompt, img.layout(2), cfg_scale=3.0)
+
+
+def test_text_generation_slides_its_window_past_the_context():
+    """Prompt and output longer than the model's context: the window slides instead of overflowing the
+    cache; the first token is what the model predicts from the newest half-window of the prompt."""
+    from seqgen.domains.text import TextDomain
+    from seqgen.model import SeqModel
+    from seqgen.registry import BACKBONES, HEADS
+
+    torch.manual_seed(0)
+    txt = TextDomain(TextDomain.Config(context=16))
+    bb = BACKBONES.build("transformer", {"dim": 32, "layers": 2, "heads": 4})
+    model = SeqModel([txt.spec], bb, {"text": HEADS.build("categorical", {}, 32, txt.spec)}).eval()
+    prompt = txt.encode("the quick brown fox jumps over the lazy dog")  # 43 tokens > 16
+    out = AutoRegressive().generate(model, prompt, txt.layout(1, 40), temperature=0.0, max_context=16)
+    assert out.ids.shape == (1, 40) and int(out.ids.max()) < 256
+    again = AutoRegressive().generate(model, prompt, txt.layout(1, 40), temperature=0.0, max_context=16)
+    assert torch.equal(out.ids, again.ids)
+    from seqgen.masks import causal
+
+    with torch.no_grad():
+        h = model(prompt.slice(prompt.length - 8), mask=causal())[:, -1]
+    assert int(model.heads["text"].logits(h).argmax(-1)) == int(out.ids[0, 0])

@@ -168,6 +168,8 @@ class AutoRegressive:
         seq_r = seq.repeat(reps)
         total = P + n
         ctx = total if max_context is None else min(total, max_context)
+        if rows.length >= ctx:  # a prompt longer than the window: keep its newest half
+            rows = rows.slice(rows.length - max(1, ctx // 2))
         cache = model.init_cache(B * reps, ctx)
         history = rows  # tokens fed so far (kept only for re-prefill when the window slides)
         tp = torch.cat([rows.pos[:, 1:], seq_r.pos[:, :1]], 1)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from .checkpoint import (CheckpointError, config_differences, latest_checkpoint, load_weights, read_config,
-                         read_train_state, save_checkpoint)
+                         read_train_state, read_weights, save_checkpoint)
 from .config import RunConfig
 from .data import step_generator
 from .types import SeqgenError
@@ -212,8 +212,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     objective = Objective(model)
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             fused=fabric.device.type == "cuda" or None)
-    lr_fn = lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_fn)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
     if t.compile:
         objective = torch.compile(objective)
     objective, opt = fabric.setup(objective, opt)
@@ -228,17 +227,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                                 else state["sampler"])
         step = int(state["step"])
         if ema is not None:
-            from .checkpoint import read_weights
-
             ema.load_state_dict(read_weights(ckpt / "ema.safetensors"))
         log.info("resumed %s at step %d", run_dir, step)
 
+    logger = tb = None
     if fabric.is_global_zero:
         (run_dir / "logs").mkdir(exist_ok=True)
-    logger = CSVLog(run_dir / "logs" / "metrics.csv", resume_step=step) if fabric.is_global_zero else None
-    if fabric.is_global_zero:
         (run_dir / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
-    tb = _tensorboard(run_dir) if fabric.is_global_zero else None
+        logger = CSVLog(run_dir / "logs" / "metrics.csv", resume_step=step)
+        tb = _tensorboard(run_dir)
     summary = {"run_dir": str(run_dir), "parameters": n_params, "device": str(fabric.device),
                "precision": fabric.seqgen_precision, "world_size": fabric.world_size,
                "global_rank": fabric.global_rank}
@@ -265,8 +262,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         if ema is not None:
             backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
             ema.copy_to(model)
-        with torch.autocast(fabric.device.type, dtype=torch.bfloat16,
-                            enabled="bf16" in str(t.precision) or (t.precision == "auto" and fabric.device.type == "cuda")):
+        with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled="bf16" in fabric.seqgen_precision):
             res = task.heldout_metrics(model, batch_size=max(t.batch_size, 64), max_batches=max_batches,
                                        device=fabric.device)
         if ema is not None:

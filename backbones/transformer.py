@@ -94,6 +94,9 @@ class Transformer(nn.Module):
         mlp_hidden: int | None = None
         """SwiGLU hidden width (None: 8/3 * dim rounded up to 32)"""
         dropout: float = 0.0
+        """dropout on each block's attention and MLP outputs (before the residual add)"""
+        emb_dropout: float = 0.0
+        """dropout on the backbone's input (token + condition embeddings), as in GPT-2"""
         rope_base: float = 10000.0
         rope_split: tuple[float, float, float] = (1.0, 1.0, 1.0)
         """how many rotary frequencies each coordinate axis (t, h, w) gets, as weights"""
@@ -116,6 +119,7 @@ class Transformer(nn.Module):
         resolve_impl(cfg.attn_impl)
         self.dim = cfg.dim
         self.rope = RotaryND(cfg.dim // cfg.heads, cfg.rope_base, tuple(cfg.rope_split))
+        self.emb_drop = nn.Dropout(cfg.emb_dropout)
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.reset_parameters()
@@ -157,6 +161,7 @@ class Transformer(nn.Module):
         compiled = compile_mask(mask, batch_size=B, q_len=L, kv_len=kv_len, q_offset=offset, impl=impl,
                                 device=x.device)
         cos, sin = self.rope.angles(pos)
+        x = self.emb_drop(x)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, compiled, impl, i, cache)
         if cache is not None:

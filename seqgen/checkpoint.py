@@ -6,6 +6,9 @@
         config.json          the resolved run config
         state.pt             optimizer, scheduler, sampler and step: torch.load(weights_only=True)
     RUN_DIR/checkpoints/latest   name of the newest complete checkpoint
+RUN_DIR/best/step_00000800/  train.keep_best: the weights with the best validation NLL so far (EMA
+                             weights when EMA is on) in model.safetensors, with config.json and a
+                             state.pt holding step and score; RUN_DIR/best/latest points at it
 
 A checkpoint is written into a temporary folder, flushed, then renamed into place, and ``latest`` is
 replaced atomically after it: a run killed mid-write leaves the previous checkpoint intact.
@@ -23,10 +26,13 @@ from torch import Tensor, nn
 from .types import SeqgenError
 
 CKPT_DIR = "checkpoints"
+BEST_DIR = "best"
 LATEST = "latest"
 
 # sections that shape the model or its data: a checkpoint cannot be resumed or loaded across changes here
 SHAPING = ("task", "condition", "data", "domain", "backbone", "head", "paradigm", "tokenizer", "model")
+# single keys outside those sections that still change which data the model is trained on
+SHAPING_KEYS = (("train", "val_fraction"),)
 
 
 class CheckpointError(SeqgenError):
@@ -54,10 +60,11 @@ def _write_atomic_text(path: Path, text: str) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, Tensor], config: dict, train_state: dict,
-                    ema_state: dict[str, Tensor] | None = None, keep: int = 2) -> Path:
+                    ema_state: dict[str, Tensor] | None = None, keep: int = 2, kind: str = CKPT_DIR) -> Path:
+    """Write RUN_DIR/<kind>/step_N atomically and point <kind>/latest at it (kind: checkpoints or best)."""
     from safetensors.torch import save_file
 
-    root = Path(run_dir) / CKPT_DIR
+    root = Path(run_dir) / kind
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step_{step:08d}"
     tmp = root / f".tmp_step_{step:08d}_{os.getpid()}"
@@ -85,8 +92,8 @@ def save_checkpoint(run_dir: Path, step: int, model_state: dict[str, Tensor], co
     return final
 
 
-def latest_checkpoint(run_dir: Path) -> Path | None:
-    root = Path(run_dir) / CKPT_DIR
+def latest_checkpoint(run_dir: Path, kind: str = CKPT_DIR) -> Path | None:
+    root = Path(run_dir) / kind
     pointer = root / LATEST
     if pointer.exists():
         p = root / pointer.read_text().strip()
@@ -171,4 +178,7 @@ def config_differences(a: dict, b: dict, sections=SHAPING) -> list[str]:
             out.append(f"{prefix}: {x!r} -> {y!r}")
     for s in sections:
         walk(a.get(s), b.get(s), s)
+    if sections == SHAPING:
+        for sec, key in SHAPING_KEYS:
+            walk((a.get(sec) or {}).get(key), (b.get(sec) or {}).get(key), f"{sec}.{key}")
     return out

@@ -77,13 +77,14 @@ def cmd_sample(argv: list[str]) -> int:
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
+    ap.add_argument("--last", action="store_true", help="use the newest checkpoint even if the run kept a best one")
     args = ap.parse_args(argv)
     import torch
 
     from .task import load_run
 
     device = _device(args.device)
-    task = load_run(args.run_dir, device=device, ema=not args.no_ema)
+    task = load_run(args.run_dir, device=device, ema=not args.no_ema, best=not args.last)
     if task.cfg.task != "generative":
         return _sample_tokenizer(task, args, device)
     s = task.cfg.sample
@@ -134,13 +135,17 @@ def cmd_eval(argv: list[str]) -> int:
     ap.add_argument("--samples_per_class", type=int)
     ap.add_argument("--cfg_scale", type=float)
     ap.add_argument("--no-compressors", action="store_true")
+    ap.add_argument("--dynamic", action="store_true",
+                    help="text: also report dynamic evaluation (learning rate chosen on the validation split)")
     ap.add_argument("--no-ema", action="store_true")
+    ap.add_argument("--last", action="store_true", help="use the newest checkpoint even if the run kept a best one")
     args = ap.parse_args(argv)
     from .evaluate import evaluate_run, format_table
 
     results = evaluate_run(args.run_dir, device=_device(args.device), ema=not args.no_ema,
                            samples_per_class=args.samples_per_class, cfg_scale=args.cfg_scale,
-                           compressors=False if args.no_compressors else None)
+                           compressors=False if args.no_compressors else None, best=not args.last,
+                           dynamic=True if args.dynamic else None)
     out = Path(args.out or Path(args.run_dir) / "eval.json")
     out.write_text(json.dumps(results, indent=2))
     print(format_table(results))

@@ -52,9 +52,16 @@ class TrainConfig:
     ema: float = 0.0
     """decay of an exponential moving average of the weights used for eval and sampling (0 disables)"""
     eval_every: int = 500
-    """held-out evaluation every this many steps (0: only at the end)"""
+    """evaluation every this many steps (0: only at the end): on the validation split when
+    train.val_fraction > 0, else on the held-out split"""
     eval_batches: int = 0
-    """held-out batches per evaluation during training (0: the whole held-out split)"""
+    """batches per evaluation during training (0: the whole split)"""
+    val_fraction: float = 0.0
+    """hold this fraction of the training split aside for validation (text: the end of the training
+    text; images: a seeded random subset); periodic evaluations score it instead of the held-out split"""
+    keep_best: bool = False
+    """keep the weights (EMA weights when train.ema > 0) with the best validation NLL in RUN_DIR/best;
+    `seqgen sample` and `seqgen eval` use them.  Needs val_fraction > 0 and eval_every > 0"""
     log_every: int = 20
     ckpt_every: int = 1000
     """checkpoint every this many steps (the last step is always saved)"""
@@ -110,6 +117,16 @@ class EvalConfig:
     """text: sliding-window stride of the held-out evaluation (0: half the context)"""
     compressors: bool = True
     """text: also report bz2 / xz / gzip bits per byte on the same held-out text"""
+    dynamic: bool = False
+    """text: also report dynamic evaluation (the model adapts, by gradient steps, to held-out text
+    once that text has been scored; Krause et al. 2018)"""
+    dynamic_lrs: list[float] = field(default_factory=lambda: [1e-5, 3e-5, 1e-4])
+    """dynamic evaluation learning rates tried on the validation split; the best one scores the
+    held-out split.  Without a validation split give exactly one"""
+    dynamic_segment: int = 128
+    """dynamic evaluation: tokens scored between two adaptation steps"""
+    dynamic_optimizer: str = "adam"
+    """dynamic evaluation steps: adam or sgd"""
     seed: int = 1234
 
 
@@ -205,6 +222,12 @@ def resolve_config(source=None, overrides: list[str] | tuple = (), prog: str = "
     d.pop("config", None)
     if d["condition"] not in CONDITIONS:
         raise SeqgenError(f"unknown condition {d['condition']!r}; known: {', '.join(CONDITIONS)}")
+    tr = d.get("train", {})
+    if not 0 <= tr.get("val_fraction", 0.0) < 1:
+        raise SeqgenError(f"train.val_fraction must be in [0, 1), got {tr['val_fraction']}")
+    if tr.get("keep_best") and not (tr.get("val_fraction", 0) > 0 and tr.get("eval_every", 0) > 0):
+        raise SeqgenError("train.keep_best selects weights on a validation split: it needs train.val_fraction > 0 "
+                          "and train.eval_every > 0 (never on the held-out split)")
     return d
 
 

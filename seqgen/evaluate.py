@@ -139,22 +139,25 @@ def compressor_bits_per_byte(train: str, heldout: str) -> dict[str, float]:
 
 # ------------------------------------------------------------------------------------------ the run
 def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per_class: int | None = None,
-                 cfg_scale: float | None = None, compressors: bool | None = None) -> dict:
+                 cfg_scale: float | None = None, compressors: bool | None = None, best: bool = True,
+                 dynamic: bool | None = None) -> dict:
     from .task import load_run
 
     device = torch.device(device or "cpu")
-    task = load_run(run_dir, device=device, ema=ema)
+    task = load_run(run_dir, device=device, ema=ema, best=best)
     if task.cfg.task != "generative":
         return task.evaluate_run(device=device)
     cfg = task.cfg
     e = cfg.eval
-    res: dict = {"run": str(run_dir), "name": cfg.name, "checkpoint": task.checkpoint.name,
+    res: dict = {"run": str(run_dir), "name": cfg.name, "checkpoint": f"{task.checkpoint.parent.name}/{task.checkpoint.name}",
                  "parameters": sum(p.numel() for p in task.model.parameters())}
     t0 = time.time()
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         res.update(task.evaluate_nll(batch_size=256, stride=e.stride, device=device))
     res["nll_seconds"] = time.time() - t0
     if task.is_text:
+        if dynamic if dynamic is not None else e.dynamic:
+            res["dynamic"] = dynamic_evaluation(task, device)
         if compressors if compressors is not None else e.compressors:
             res["compressors_bits_per_byte"] = compressor_bits_per_byte(task.splits.train, task.splits.heldout)
         return res
@@ -185,6 +188,34 @@ def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per
     return res
 
 
+def dynamic_evaluation(task, device) -> dict:
+    """Dynamic evaluation of a text run: the learning rate is chosen on the validation split (never on
+    the held-out split), then the held-out split is scored with it."""
+    e = task.cfg.eval
+    lrs = list(e.dynamic_lrs)
+    if not lrs:
+        raise SeqgenError("eval.dynamic_lrs is empty")
+    out: dict = {"optimizer": e.dynamic_optimizer, "segment": e.dynamic_segment}
+    kw = dict(segment=e.dynamic_segment, optimizer=e.dynamic_optimizer, device=device, autocast=device.type == "cuda")
+    t0 = time.time()
+    if len(lrs) > 1:
+        if not task.has_val:
+            raise SeqgenError("choosing the dynamic-evaluation learning rate needs a validation split "
+                              "(train.val_fraction > 0); or give a single rate in eval.dynamic_lrs")
+        static = task.evaluate_nll(split="val", stride=e.dynamic_segment, device=device)
+        by_lr = {f"{lr:g}": task.evaluate_dynamic(lr=lr, split="val", **kw)["bits_per_byte"] for lr in lrs}
+        out["val_static_bits_per_byte"] = static["bits_per_byte"]
+        out["val_bits_per_byte_by_lr"] = by_lr
+        lr = lrs[min(range(len(lrs)), key=lambda i: by_lr[f"{lrs[i]:g}"])]
+    else:
+        lr = lrs[0]
+    out["lr"] = lr
+    out["static_bits_per_byte"] = task.evaluate_nll(stride=e.dynamic_segment, device=device)["bits_per_byte"]
+    out.update(task.evaluate_dynamic(lr=lr, split="heldout", **kw))
+    out["seconds"] = time.time() - t0
+    return out
+
+
 def format_table(res: dict) -> str:
     rows = [("run", res.get("name", "")), ("checkpoint", res.get("checkpoint", "")),
             ("parameters", f"{res.get('parameters', 0) / 1e6:.3f}M")]
@@ -198,6 +229,11 @@ def format_table(res: dict) -> str:
             r = res[tag]
             rows.append((f"{tag} (cfg {r['cfg_scale']:g})",
                          f"accuracy {r['conditional_accuracy']:.3f}  FD {r['fd_vs_heldout']:.2f}  ({r['seconds']:.1f}s)"))
+    if "dynamic" in res:
+        d = res["dynamic"]
+        rows.append((f"bits_per_byte, dynamic eval ({d['optimizer']} lr {d['lr']:g}, segment {d['segment']})",
+                     f"{d['bits_per_byte']:.4f}  (static at this stride {d['static_bits_per_byte']:.4f}; "
+                     f"{d['seconds']:.0f}s)"))
     for name, v in res.get("compressors_bits_per_byte", {}).items():
         rows.append((name, f"{v:.4f} bits/byte"))
     w = max(len(k) for k, _ in rows)

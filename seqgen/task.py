@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from .checkpoint import load_weights, read_config, require_checkpoint
+from .checkpoint import (BEST_DIR, CheckpointError, config_differences, latest_checkpoint, load_weights, read_config,
+                         require_checkpoint)
 from .config import RunConfig
 from .data import ExampleSampler, WindowSampler
 from .datasets import RawSplits
@@ -60,8 +61,9 @@ class GenerativeTask:
         if data_kind is not None and data_kind != self.splits.kind:
             raise SeqgenError(f"domain {cfg.component('domain')[0]!r} cannot read the {self.splits.kind} data set "
                               f"{cfg.component('data')[0]!r}")
+        self._carve_validation(cfg.train.val_fraction, cfg.seed)
         if hasattr(self.domain, "fit"):
-            self.domain.fit(self.splits.train, self.run_dir)
+            self.domain.fit(self.train_text if self.splits.kind == "text" else self.splits.train, self.run_dir)
         self.label = None
         if cfg.condition == "class":
             if self.splits.num_classes is None:
@@ -76,18 +78,50 @@ class GenerativeTask:
         self.model = build_model(cfg, self.specs, self.paradigm, self._max_coordinate() + 1)
 
     # ------------------------------------------------------------------ data
+    def _carve_validation(self, fraction: float, seed: int) -> None:
+        """Set aside a validation split from the training split (never from the held-out one): the end of
+        the training text, or a seeded random subset of the training images.  ``self.splits`` keeps
+        the data set as loaded (compressor baselines and the digit classifier see all of it)."""
+        self.has_val = fraction > 0
+        n = len(self.splits.train)
+        if self.splits.kind == "text":
+            cut = int(round(n * (1 - fraction)))
+            self.train_text, self.val_text = self.splits.train[:cut], self.splits.train[cut:]
+            if self.has_val and (len(self.val_text) < 2 or not self.train_text):
+                raise SeqgenError(f"train.val_fraction={fraction} leaves {len(self.val_text)} validation and "
+                                  f"{len(self.train_text)} training characters; pick a fraction that leaves both")
+            return
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 4242))
+        k = int(round(n * fraction))
+        if self.has_val and not 0 < k < n:
+            raise SeqgenError(f"train.val_fraction={fraction} of {n} training examples leaves an empty split")
+        self.val_index, self.train_index = perm[:k].sort().values, perm[k:].sort().values
+
     def _encode_data(self) -> None:
         if self.is_text:
             self.context = self.domain.config.context
-            self.train_ids = self.domain.encode_stream(self.splits.train)
+            self.train_ids = self.domain.encode_stream(self.train_text)
+            self.val_ids = self.domain.encode_stream(self.val_text) if self.has_val else None
             self.heldout_ids = self.domain.encode_stream(self.splits.heldout)
             self.token_bytes = self._token_bytes()
             return
         self.positions = self.domain.positions()  # (L, 3)
-        self.train_ids = self._encode_images("train", self.splits.train)
+        all_train = self._encode_images("train", self.splits.train)  # the cache holds the whole training split
+        self.train_ids, self.val_ids = all_train[self.train_index], (all_train[self.val_index] if self.has_val else None)
         self.heldout_ids = self._encode_images("heldout", self.splits.heldout)
-        self.train_labels = None if self.splits.train_labels is None else torch.as_tensor(self.splits.train_labels)
-        self.heldout_labels = None if self.splits.heldout_labels is None else torch.as_tensor(self.splits.heldout_labels)
+        self.train_labels = self.val_labels = self.heldout_labels = None
+        if self.splits.train_labels is not None:
+            labels = torch.as_tensor(self.splits.train_labels)
+            self.train_labels, self.val_labels = labels[self.train_index], labels[self.val_index]
+        if self.splits.heldout_labels is not None:
+            self.heldout_labels = torch.as_tensor(self.splits.heldout_labels)
+
+    def split_ids(self, split: str) -> Tensor:
+        if split not in ("train", "val", "heldout"):
+            raise SeqgenError(f"unknown split {split!r}: train, val or heldout")
+        if split == "val" and not self.has_val:
+            raise SeqgenError("this run has no validation split (train.val_fraction is 0)")
+        return {"train": self.train_ids, "val": self.val_ids, "heldout": self.heldout_ids}[split]
 
     def _encode_images(self, split: str, images) -> Tensor:
         tk = getattr(self.domain, "tokenizer", None)
@@ -140,67 +174,129 @@ class GenerativeTask:
     def make_batch(self, draw: Tensor, generator: torch.Generator | None = None, progress: float = 0.0,
                    split: str = "train", cond_dropout: bool = True) -> Batch:
         """Indices (images) or window starts (text) from a sampler -> a Batch arranged by the paradigm."""
-        ids = self.train_ids if split == "train" else self.heldout_ids
+        ids = self.split_ids(split)
         if self.is_text:
             seq = self.domain.windows(ids, draw, self.context + 1)
             return self.paradigm.prepare(seq, None, generator=generator, progress=progress)
         labels = None
         if self.label is not None:
-            labels = (self.train_labels if split == "train" else self.heldout_labels)[draw]
+            labels = {"train": self.train_labels, "val": self.val_labels, "heldout": self.heldout_labels}[split][draw]
         cond, null = self.prefix(labels, len(draw))
         return self.paradigm.prepare(self.examples(ids[draw]), cond, null_prefix=null if cond_dropout else None,
                                      generator=generator, progress=progress)
 
     # ------------------------------------------------------------------ held-out likelihood
-    def heldout_batches(self, batch_size: int, max_batches: int = 0, stride: int = 0) -> Iterator[tuple[Batch, Tensor]]:
-        """Deterministic batches covering the held-out split; yields (batch, dims) where dims is the
-        number of raw dimensions (bytes / pixels) the batch's scored tokens stand for."""
+    def heldout_batches(self, batch_size: int, max_batches: int = 0, stride: int = 0,
+                        split: str = "heldout") -> Iterator[tuple[Batch, Tensor]]:
+        """Deterministic batches covering the held-out (or validation) split; yields (batch, dims) where
+        dims is the number of raw dimensions (bytes / pixels) the batch's scored tokens stand for."""
         count = 0
+        ids = self.split_ids(split)
         if self.is_text:
-            N, W = len(self.heldout_ids), self.context + 1
-            if N < 2:
-                raise SeqgenError("the held-out text is shorter than two tokens")
-            W = min(W, N)
-            S = stride or max(1, (W - 1) // 2)
-            starts = list(range(0, N - W + 1, S))
-            if starts[-1] + W < N:
-                starts.append(N - W)
-            scored_until = 0  # absolute index of the last scored target
-            for i in range(0, len(starts), batch_size):
-                st = torch.tensor(starts[i:i + batch_size])
-                batch = self.paradigm.prepare(self.domain.windows(self.heldout_ids, st, W), None)
-                target_abs = st.view(-1, 1) + torch.arange(1, W)  # (B, W-1)
-                keep = torch.zeros_like(batch.loss_mask)
-                for r in range(len(st)):
-                    keep[r] = target_abs[r] > scored_until
-                    scored_until = max(scored_until, int(target_abs[r, -1]))
-                batch.loss_mask = batch.loss_mask & keep
-                yield batch, self.token_bytes[batch.targets[batch.loss_mask]].sum()
+            for batch, d in self._text_windows(ids, batch_size, stride, split):
+                yield batch, d
                 count += 1
                 if max_batches and count >= max_batches:
                     return
             return
-        n = len(self.heldout_ids)
+        n = len(ids)
         per_token = self.domain.dims_per_token
         for i in range(0, n, batch_size):
             draw = torch.arange(i, min(n, i + batch_size))
-            batch = self.make_batch(draw, progress=1.0, split="heldout", cond_dropout=False)
+            batch = self.make_batch(draw, progress=1.0, split=split, cond_dropout=False)
             yield batch, torch.tensor(batch.loss_mask.sum().item() * per_token)
             count += 1
             if max_batches and count >= max_batches:
                 return
 
+    def _text_windows(self, ids: Tensor, batch_size: int, stride: int, split: str) -> Iterator[tuple[Batch, Tensor]]:
+        """Sliding windows of the context length, ``stride`` apart (0: half the context), in order; each
+        window scores only the targets no earlier window scored, so every token but the first counts once."""
+        N, W = len(ids), self.context + 1
+        if N < 2:
+            raise SeqgenError(f"the {split} text is shorter than two tokens")
+        W = min(W, N)
+        S = stride or max(1, (W - 1) // 2)
+        if S > W - 1:
+            raise SeqgenError(f"stride {S} is longer than the context ({W - 1}): tokens between windows would go unscored")
+        starts = list(range(0, N - W + 1, S))
+        if starts[-1] + W < N:
+            starts.append(N - W)
+        scored_until = 0  # absolute index of the last scored target
+        for i in range(0, len(starts), batch_size):
+            st = torch.tensor(starts[i:i + batch_size])
+            batch = self.paradigm.prepare(self.domain.windows(ids, st, W), None)
+            target_abs = st.view(-1, 1) + torch.arange(1, W)  # (B, W-1)
+            keep = torch.zeros_like(batch.loss_mask)
+            for r in range(len(st)):
+                keep[r] = target_abs[r] > scored_until
+                scored_until = max(scored_until, int(target_abs[r, -1]))
+            batch.loss_mask = batch.loss_mask & keep
+            yield batch, self.token_bytes[batch.targets[batch.loss_mask]].sum()
+
+    def evaluate_dynamic(self, model: nn.Module | None = None, lr: float = 1e-4, segment: int = 128,
+                         optimizer: str = "sgd", split: str = "heldout", device=None,
+                         autocast: bool = False, windows: list | None = None) -> dict[str, float]:
+        """Dynamic evaluation (Krause et al., 2018, "Dynamic Evaluation of Neural Sequence Models"): the
+        text is scored in order, ``segment`` tokens at a time (each with the rest of the context window
+        before it), and after scoring a segment the model takes one gradient step on that segment's
+        loss, so it adapts to text it has already been scored on -- never to text it has not.  Dropout
+        is off.  The model's weights are restored afterwards.  Text only.
+
+        optimizer: sgd (plain steps, lr scaled by nothing) or adam (steps normalised per weight).
+        windows: a list that receives each window's (NLL sum, scored tokens), in order.
+        """
+        if not self.is_text:
+            raise SeqgenError("dynamic evaluation scores a text stream; this run models images")
+        if lr < 0:
+            raise SeqgenError(f"dynamic evaluation: lr must be >= 0, got {lr}")
+        model = model or self.model
+        device = device or next(model.parameters()).device
+        params = [p for p in model.parameters() if p.requires_grad]
+        if optimizer == "sgd":
+            opt = torch.optim.SGD(params, lr=lr)
+        elif optimizer == "adam":
+            opt = torch.optim.Adam(params, lr=lr, betas=(0.9, 0.999))
+        else:
+            raise SeqgenError(f"dynamic evaluation: optimizer must be sgd or adam, got {optimizer!r}")
+        ids = self.split_ids(split)
+        saved = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        was_training = model.training
+        model.eval()
+        nll, tokens, dims = 0.0, 0, 0.0
+        name = self.specs[0].name
+        try:
+            for batch, d in self._text_windows(ids, 1, segment, split):
+                with torch.enable_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                    loss, m = model.loss(batch.to(device))
+                nll += float(m[f"{name}/nll_sum"])
+                tokens += int(m[f"{name}/count"])
+                dims += float(d)
+                if windows is not None:
+                    windows.append((float(m[f"{name}/nll_sum"]), int(m[f"{name}/count"])))
+                if lr > 0:
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    opt.step()
+        finally:
+            model.load_state_dict(saved)
+            model.zero_grad(set_to_none=True)
+            model.train(was_training)
+        return {f"{split}_nll": nll / max(tokens, 1), f"{split}_tokens": tokens,
+                "bits_per_byte": nll / LN2 / max(dims, 1e-9)}
+
     @torch.no_grad()
     def evaluate_nll(self, model: nn.Module | None = None, batch_size: int = 256, max_batches: int = 0,
-                     stride: int = 0, device=None) -> dict[str, float]:
-        """Held-out NLL: nats per token, and bits per byte (text) or bits per dimension (images)."""
+                     stride: int = 0, device=None, split: str = "heldout") -> dict[str, float]:
+        """NLL on the held-out (or validation) split: nats per token, and bits per byte (text) or bits
+        per dimension (images).  Keys: ``{split}_nll``, ``{split}_tokens`` and bits_per_byte / bits_per_dim."""
         model = model or self.model
         device = device or next(model.parameters()).device
         was_training = model.training
         model.eval()
         nll, tokens, dims = 0.0, 0, 0.0
         try:
-            for batch, d in self.heldout_batches(batch_size, max_batches, stride):
+            for batch, d in self.heldout_batches(batch_size, max_batches, stride, split):
                 _, m = model.loss(batch.to(device))
                 name = self.specs[0].name
                 nll += float(m[f"{name}/nll_sum"])
@@ -208,14 +304,15 @@ class GenerativeTask:
                 dims += float(d)
         finally:
             model.train(was_training)
-        out = {"heldout_nll": nll / max(tokens, 1), "heldout_tokens": tokens}
+        out = {f"{split}_nll": nll / max(tokens, 1), f"{split}_tokens": tokens}
         out["bits_per_byte" if self.is_text else "bits_per_dim"] = nll / LN2 / max(dims, 1e-9)
         return out
 
-    def heldout_metrics(self, model=None, batch_size: int = 256, max_batches: int = 0, device=None) -> dict:
+    def heldout_metrics(self, model=None, batch_size: int = 256, max_batches: int = 0, device=None,
+                        split: str = "heldout") -> dict:
         """What the trainer logs at each evaluation (the same for every task kind)."""
         return self.evaluate_nll(model, batch_size=batch_size, max_batches=max_batches,
-                                 stride=self.cfg.eval.stride, device=device)
+                                 stride=self.cfg.eval.stride, device=device, split=split)
 
     @staticmethod
     def count_tokens(batch: Batch) -> int:
@@ -306,12 +403,21 @@ def build_task(cfg: RunConfig, run_dir: str | Path | None = None):
     return GenerativeTask(cfg, run_dir)
 
 
-def load_run(run_dir: str | Path, device: str | torch.device = "cpu", ema: bool = True):
-    """Rebuild a run from its folder alone (config + weights of the newest checkpoint)."""
+def load_run(run_dir: str | Path, device: str | torch.device = "cpu", ema: bool = True, best: bool = True):
+    """Rebuild a run from its folder alone: its config, and the weights it kept as best on validation
+    (train.keep_best) or else those of the newest checkpoint (EMA weights unless ``ema=False``)."""
     ckpt = require_checkpoint(Path(run_dir))
     cfg = RunConfig.from_dict(read_config(ckpt))
+    kept = latest_checkpoint(Path(run_dir), BEST_DIR) if best and cfg.train.keep_best else None
+    if kept is not None:
+        diff = config_differences(read_config(kept), cfg.to_dict())
+        if diff:
+            raise CheckpointError(f"{kept} was written for a different config than {ckpt}: " + "; ".join(diff[:6]))
     task = build_task(cfg, run_dir)
-    weights = ckpt / "ema.safetensors" if ema and (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
+    if kept is not None:
+        ckpt, weights = kept, kept / "model.safetensors"  # already the EMA weights when EMA was on
+    else:
+        weights = ckpt / "ema.safetensors" if ema and (ckpt / "ema.safetensors").exists() else ckpt / "model.safetensors"
     load_weights(task.model, weights)
     task.model.to(device)
     task.model.eval()

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checkpoint import (CheckpointError, config_differences, latest_checkpoint, load_weights, read_config,
+from .checkpoint import (BEST_DIR, CheckpointError, config_differences, latest_checkpoint, load_weights, read_config,
                          read_train_state, read_weights, save_checkpoint)
 from .config import RunConfig
 from .data import step_generator
@@ -256,18 +256,41 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                             ema_state=None if ema is None else ema.state_dict(), keep=t.keep_checkpoints)
         fabric.barrier()
 
-    def evaluate(max_batches: int) -> dict:
+    def evaluate(max_batches: int, split: str = "heldout", weights: dict | None = None) -> dict:
+        """Score ``split`` with the EMA weights (or ``weights``), restoring the training weights after.
+        Keys are prefixed for the log: eval_* for the held-out split, val_* for the validation split."""
         if not fabric.is_global_zero:
             return {}
-        if ema is not None:
+        swap = weights is not None or ema is not None
+        if swap:
             backup = {k: v.detach().clone() for k, v in model.state_dict().items()}
-            ema.copy_to(model)
+            if weights is not None:
+                model.load_state_dict(weights)
+            else:
+                ema.copy_to(model)
         with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled="bf16" in fabric.seqgen_precision):
             res = task.heldout_metrics(model, batch_size=max(t.batch_size, 64), max_batches=max_batches,
-                                       device=fabric.device)
-        if ema is not None:
+                                       device=fabric.device, **({"split": split} if split != "heldout" else {}))
+        if swap:
             model.load_state_dict(backup)
-        return res
+        if split == "val":
+            return {(k if k.startswith("val_") else f"val_{k}"): v for k, v in res.items()}
+        return {f"eval_{k}": v for k, v in res.items()}
+
+    best_ckpt = latest_checkpoint(run_dir, BEST_DIR) if (t.keep_best and ckpt is not None) else None
+    best = {"step": -1, "val_nll": math.inf}
+    if best_ckpt is not None:
+        saved_best = read_train_state(best_ckpt)
+        best = {"step": int(saved_best["step"]), "val_nll": float(saved_best["val_nll"])}
+
+    def track_best(at: int, res: dict) -> None:
+        """train.keep_best: keep the evaluated weights when they beat the best validation NLL so far."""
+        if not (t.keep_best and fabric.is_global_zero) or res.get("val_nll", math.inf) >= best["val_nll"]:
+            return
+        best.update(step=at, val_nll=res["val_nll"])
+        weights = ema.state_dict() if ema is not None else model.state_dict()
+        save_checkpoint(run_dir, at, weights, cfg.to_dict(), {"step": at, "val_nll": res["val_nll"], **{
+            k: v for k, v in res.items() if isinstance(v, float)}}, keep=1, kind=BEST_DIR)
 
     elapsed_before = float(state.get("train_seconds", 0.0)) if ckpt is not None else 0.0
     bar = None
@@ -327,11 +350,15 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         timed_out = t.time_limit > 0 and time.time() - t0 + elapsed_before > t.time_limit
         final = step == t.steps or timed_out or (stop_after is not None and step >= stop_after)
         if t.eval_every and step % t.eval_every == 0 and not final:
-            res = evaluate(t.eval_batches)
+            res = evaluate(t.eval_batches, "val" if task.has_val else "heldout")
+            track_best(step, res)
             if logger is not None and res:
-                logger.log({"step": step, **{f"eval_{k}": v for k, v in res.items()}})
+                logger.log({"step": step, **res})
+                msg = f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float))
                 if bar is not None:
-                    bar.write(f"step {step}: " + ", ".join(f"{k} {v:.4f}" for k, v in res.items() if isinstance(v, float)))
+                    bar.write(msg)
+                else:
+                    fabric.print(msg)
         if final or step % t.ckpt_every == 0:
             checkpoint(step)
         if timed_out:
@@ -344,10 +371,20 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     summary.update({"steps": step, "train_seconds": train_time, "train_loss": last_metrics.get("train_loss"),
                     "tokens_per_s": seen_tokens / max(train_time, 1e-9)})
     if stop_after is None or step >= t.steps:
-        res = evaluate(0)
-        summary.update(res)
+        res = {}
+        if task.has_val:
+            res.update(evaluate(t.eval_batches, "val"))
+            track_best(step, res)
+        if t.keep_best and fabric.is_global_zero and best["step"] >= 0:
+            # the held-out score of the weights `seqgen eval` and `seqgen sample` will use
+            summary.update(best_step=best["step"], best_val_nll=best["val_nll"])
+            best_weights = read_weights(latest_checkpoint(run_dir, BEST_DIR) / "model.safetensors")
+            res.update(evaluate(0, "heldout", weights=best_weights))
+        else:
+            res.update(evaluate(0))
+        summary.update({k.removeprefix("eval_"): v for k, v in res.items()})
         if logger is not None and res:
-            logger.log({"step": step, **{f"eval_{k}": v for k, v in res.items()}})
+            logger.log({"step": step, **res})
     if fabric.world_size > 1:
         summary["replicas_identical"] = replicas_identical(fabric, model)
     if fabric.is_global_zero:

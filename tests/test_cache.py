@@ -150,3 +150,22 @@ def test_random_order_generation_follows_its_permutation():
     assert torch.equal(logits.argmax(-1), full.ids[:, 1:])
     raster = paradigm.generate(model, label, dom.layout(2), temperature=0.0, order="raster")
     assert not torch.equal(raster.ids, out.ids)  # the order matters to the model
+
+
+def test_embedding_dropout_acts_only_in_training():
+    cls = BACKBONES.get("transformer")
+    torch.manual_seed(0)
+    drop = cls(cls.Config(dim=32, layers=2, heads=4, emb_dropout=0.5))
+    plain = cls(cls.Config(dim=32, layers=2, heads=4))
+    plain.load_state_dict(drop.state_dict())
+    x = torch.randn(2, 6, 32)
+    pos = torch.arange(6).view(1, 6, 1).expand(2, 6, 3)
+    drop.eval(), plain.eval()
+    assert torch.equal(drop(x, pos=pos, mask=causal()), plain(x, pos=pos, mask=causal()))
+    drop.train(), plain.train()
+    torch.manual_seed(1)
+    a = drop(x, pos=pos, mask=causal())
+    torch.manual_seed(2)
+    b = drop(x, pos=pos, mask=causal())
+    assert not torch.allclose(a, b)  # a different input mask each step
+    assert torch.equal(plain(x, pos=pos, mask=causal()), plain(x, pos=pos, mask=causal()))

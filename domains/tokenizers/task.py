@@ -74,6 +74,10 @@ class TokenizerTask:
             raise SeqgenError(f"TokenizerTask needs task: tokenizer, got {cfg.task!r}")
         self.cfg = cfg
         self.run_dir = Path(run_dir) if run_dir is not None else None
+        if cfg.train.val_fraction > 0:
+            raise SeqgenError("train.val_fraction and train.keep_best are for generative runs; a tokenizer run "
+                              "is scored on the held-out split")
+        self.has_val = False
         self.splits = splits if splits is not None else cfg.build("data").load()
         if self.splits.kind != "image":
             raise SeqgenError(f"a tokenizer run needs an image data set; {cfg.component('data')[0]!r} holds "

@@ -137,6 +137,8 @@ def cmd_eval(argv: list[str]) -> int:
     ap.add_argument("--no-compressors", action="store_true")
     ap.add_argument("--dynamic", action="store_true",
                     help="text: also report dynamic evaluation (learning rate chosen on the validation split)")
+    ap.add_argument("--dynamic_lr", type=float, help="text: dynamic evaluation with this one learning rate "
+                    "(no choice on validation; for runs without a validation split)")
     ap.add_argument("--no-ema", action="store_true")
     ap.add_argument("--last", action="store_true", help="use the newest checkpoint even if the run kept a best one")
     args = ap.parse_args(argv)
@@ -145,7 +147,8 @@ def cmd_eval(argv: list[str]) -> int:
     results = evaluate_run(args.run_dir, device=_device(args.device), ema=not args.no_ema,
                            samples_per_class=args.samples_per_class, cfg_scale=args.cfg_scale,
                            compressors=False if args.no_compressors else None, best=not args.last,
-                           dynamic=True if args.dynamic else None)
+                           dynamic=True if (args.dynamic or args.dynamic_lr is not None) else None,
+                           dynamic_lr=args.dynamic_lr)
     out = Path(args.out or Path(args.run_dir) / "eval.json")
     out.write_text(json.dumps(results, indent=2))
     print(format_table(results))

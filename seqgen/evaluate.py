@@ -140,7 +140,7 @@ def compressor_bits_per_byte(train: str, heldout: str) -> dict[str, float]:
 # ------------------------------------------------------------------------------------------ the run
 def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per_class: int | None = None,
                  cfg_scale: float | None = None, compressors: bool | None = None, best: bool = True,
-                 dynamic: bool | None = None) -> dict:
+                 dynamic: bool | None = None, dynamic_lr: float | None = None) -> dict:
     from .task import load_run
 
     device = torch.device(device or "cpu")
@@ -157,7 +157,7 @@ def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per
     res["nll_seconds"] = time.time() - t0
     if task.is_text:
         if dynamic if dynamic is not None else e.dynamic:
-            res["dynamic"] = dynamic_evaluation(task, device)
+            res["dynamic"] = dynamic_evaluation(task, device, lr=dynamic_lr)
         if compressors if compressors is not None else e.compressors:
             res["compressors_bits_per_byte"] = compressor_bits_per_byte(task.splits.train, task.splits.heldout)
         return res
@@ -188,29 +188,30 @@ def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per
     return res
 
 
-def dynamic_evaluation(task, device) -> dict:
-    """Dynamic evaluation of a text run: the learning rate is chosen on the validation split (never on
-    the held-out split), then the held-out split is scored with it."""
+def dynamic_evaluation(task, device, lr: float | None = None) -> dict:
+    """Dynamic evaluation of a text run: the learning rate (``lr``, or the best of eval.dynamic_lrs on the
+    validation split -- never on the held-out split) then scores the held-out split."""
     e = task.cfg.eval
-    lrs = list(e.dynamic_lrs)
+    lrs = [lr] if lr is not None else list(e.dynamic_lrs)
     if not lrs:
         raise SeqgenError("eval.dynamic_lrs is empty")
-    out: dict = {"optimizer": e.dynamic_optimizer, "segment": e.dynamic_segment}
-    kw = dict(segment=e.dynamic_segment, optimizer=e.dynamic_optimizer, device=device, autocast=device.type == "cuda")
+    segment = e.dynamic_segment or e.stride or max(1, task.context // 2)
+    out: dict = {"optimizer": e.dynamic_optimizer, "segment": segment}
+    kw = dict(segment=segment, optimizer=e.dynamic_optimizer, device=device, autocast=device.type == "cuda")
     t0 = time.time()
     if len(lrs) > 1:
         if not task.has_val:
             raise SeqgenError("choosing the dynamic-evaluation learning rate needs a validation split "
-                              "(train.val_fraction > 0); or give a single rate in eval.dynamic_lrs")
-        static = task.evaluate_nll(split="val", stride=e.dynamic_segment, device=device)
+                              "(train.val_fraction > 0); or give one rate: `seqgen eval RUN --dynamic_lr 0.01`")
+        static = task.evaluate_nll(split="val", stride=segment, device=device)
         by_lr = {f"{lr:g}": task.evaluate_dynamic(lr=lr, split="val", **kw)["bits_per_byte"] for lr in lrs}
         out["val_static_bits_per_byte"] = static["bits_per_byte"]
         out["val_bits_per_byte_by_lr"] = by_lr
         lr = lrs[min(range(len(lrs)), key=lambda i: by_lr[f"{lrs[i]:g}"])]
-    else:
+    else:  # one given rate
         lr = lrs[0]
     out["lr"] = lr
-    out["static_bits_per_byte"] = task.evaluate_nll(stride=e.dynamic_segment, device=device)["bits_per_byte"]
+    out["static_bits_per_byte"] = task.evaluate_nll(stride=segment, device=device)["bits_per_byte"]
     out.update(task.evaluate_dynamic(lr=lr, split="heldout", **kw))
     out["seconds"] = time.time() - t0
     return out

@@ -219,6 +219,11 @@ def test_eval_chooses_the_dynamic_rate_on_validation(tmp_path, text_dir):
     train(RunConfig.from_dict(cfg), tmp_path / "u", progress_bar=False)
     with pytest.raises(SeqgenError, match="needs a validation split"):
         evaluate_run(tmp_path / "u")
+    from seqgen.cli import main
+
+    assert main(["eval", str(tmp_path / "u"), "--device", "cpu", "--dynamic_lr", "0.01"]) == 0
+    d = json.loads((tmp_path / "u" / "eval.json").read_text())["dynamic"]
+    assert d["lr"] == 0.01 and "val_bits_per_byte_by_lr" not in d and d["heldout_tokens"] > 0
 
 
 def test_dynamic_evaluation_refuses_images_and_bad_settings(text_dir):

@@ -29,10 +29,10 @@ CKPT_DIR = "checkpoints"
 BEST_DIR = "best"
 LATEST = "latest"
 
-# sections that shape the model or its data: a checkpoint cannot be resumed or loaded across changes here
-SHAPING = ("task", "condition", "data", "domain", "backbone", "head", "paradigm", "tokenizer", "model")
-# single keys outside those sections that still change which data the model is trained on
-SHAPING_KEYS = (("train", "val_fraction"),)
+# sections (and dotted keys) that shape the model or its data: a checkpoint cannot be resumed or loaded
+# across changes here
+SHAPING = ("task", "condition", "data", "domain", "backbone", "head", "paradigm", "tokenizer", "model",
+           "train.val_fraction")
 
 
 class CheckpointError(SeqgenError):
@@ -167,8 +167,13 @@ def read_train_state(ckpt: Path) -> dict:
 
 
 def config_differences(a: dict, b: dict, sections=SHAPING) -> list[str]:
-    """Dotted keys whose values differ between two resolved configs, within the given sections."""
+    """Dotted keys whose values differ between two resolved configs, within the given sections or keys."""
     out = []
+
+    def get(d, dotted):
+        for part in dotted.split("."):
+            d = d.get(part) if isinstance(d, dict) else None
+        return d
 
     def walk(x, y, prefix):
         if isinstance(x, dict) and isinstance(y, dict):
@@ -177,8 +182,5 @@ def config_differences(a: dict, b: dict, sections=SHAPING) -> list[str]:
         elif x != y:
             out.append(f"{prefix}: {x!r} -> {y!r}")
     for s in sections:
-        walk(a.get(s), b.get(s), s)
-    if sections == SHAPING:
-        for sec, key in SHAPING_KEYS:
-            walk((a.get(sec) or {}).get(key), (b.get(sec) or {}).get(key), f"{sec}.{key}")
+        walk(get(a, s), get(b, s), s)
     return out

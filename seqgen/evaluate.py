@@ -207,7 +207,7 @@ def dynamic_evaluation(task, device, lr: float | None = None) -> dict:
         by_lr = {f"{lr:g}": task.evaluate_dynamic(lr=lr, split="val", **kw)["bits_per_byte"] for lr in lrs}
         out["val_static_bits_per_byte"] = static["bits_per_byte"]
         out["val_bits_per_byte_by_lr"] = by_lr
-        lr = lrs[min(range(len(lrs)), key=lambda i: by_lr[f"{lrs[i]:g}"])]
+        lr = min(lrs, key=lambda r: by_lr[f"{r:g}"])
     else:  # one given rate
         lr = lrs[0]
     out["lr"] = lr

@@ -91,10 +91,13 @@ class GenerativeTask:
                 raise SeqgenError(f"train.val_fraction={fraction} leaves {len(self.val_text)} validation and "
                                   f"{len(self.train_text)} training characters; pick a fraction that leaves both")
             return
-        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 4242))
+        self.val_index = self.train_index = None
+        if not self.has_val:
+            return
         k = int(round(n * fraction))
-        if self.has_val and not 0 < k < n:
+        if not 0 < k < n:
             raise SeqgenError(f"train.val_fraction={fraction} of {n} training examples leaves an empty split")
+        perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed + 4242))
         self.val_index, self.train_index = perm[:k].sort().values, perm[k:].sort().values
 
     def _encode_data(self) -> None:
@@ -106,22 +109,22 @@ class GenerativeTask:
             self.token_bytes = self._token_bytes()
             return
         self.positions = self.domain.positions()  # (L, 3)
-        all_train = self._encode_images("train", self.splits.train)  # the cache holds the whole training split
-        self.train_ids, self.val_ids = all_train[self.train_index], (all_train[self.val_index] if self.has_val else None)
+        self.train_ids = self._encode_images("train", self.splits.train)  # the cache holds the whole training split
         self.heldout_ids = self._encode_images("heldout", self.splits.heldout)
-        self.train_labels = self.val_labels = self.heldout_labels = None
-        if self.splits.train_labels is not None:
-            labels = torch.as_tensor(self.splits.train_labels)
-            self.train_labels, self.val_labels = labels[self.train_index], labels[self.val_index]
-        if self.splits.heldout_labels is not None:
-            self.heldout_labels = torch.as_tensor(self.splits.heldout_labels)
+        self.train_labels = None if self.splits.train_labels is None else torch.as_tensor(self.splits.train_labels)
+        self.heldout_labels = None if self.splits.heldout_labels is None else torch.as_tensor(self.splits.heldout_labels)
+        self.val_ids = self.val_labels = None
+        if self.has_val:
+            self.train_ids, self.val_ids = self.train_ids[self.train_index], self.train_ids[self.val_index]
+            if self.train_labels is not None:
+                self.train_labels, self.val_labels = self.train_labels[self.train_index], self.train_labels[self.val_index]
 
     def split_ids(self, split: str) -> Tensor:
         if split not in ("train", "val", "heldout"):
             raise SeqgenError(f"unknown split {split!r}: train, val or heldout")
         if split == "val" and not self.has_val:
             raise SeqgenError("this run has no validation split (train.val_fraction is 0)")
-        return {"train": self.train_ids, "val": self.val_ids, "heldout": self.heldout_ids}[split]
+        return getattr(self, f"{split}_ids")
 
     def _encode_images(self, split: str, images) -> Tensor:
         tk = getattr(self.domain, "tokenizer", None)
@@ -180,7 +183,7 @@ class GenerativeTask:
             return self.paradigm.prepare(seq, None, generator=generator, progress=progress)
         labels = None
         if self.label is not None:
-            labels = {"train": self.train_labels, "val": self.val_labels, "heldout": self.heldout_labels}[split][draw]
+            labels = getattr(self, f"{split}_labels")[draw]
         cond, null = self.prefix(labels, len(draw))
         return self.paradigm.prepare(self.examples(ids[draw]), cond, null_prefix=null if cond_dropout else None,
                                      generator=generator, progress=progress)

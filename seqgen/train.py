@@ -270,7 +270,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
                 ema.copy_to(model)
         with torch.autocast(fabric.device.type, dtype=torch.bfloat16, enabled="bf16" in fabric.seqgen_precision):
             res = task.heldout_metrics(model, batch_size=max(t.batch_size, 64), max_batches=max_batches,
-                                       device=fabric.device, **({"split": split} if split != "heldout" else {}))
+                                       device=fabric.device, split=split)
         if swap:
             model.load_state_dict(backup)
         if split == "val":

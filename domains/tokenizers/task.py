@@ -109,7 +109,9 @@ class TokenizerTask:
     # ------------------------------------------------------------------ held-out metrics
     @torch.no_grad()
     def heldout_metrics(self, model: nn.Module | None = None, batch_size: int = 256, max_batches: int = 0,
-                        device=None) -> dict[str, float]:
+                        device=None, split: str = "heldout") -> dict[str, float]:
+        if split != "heldout":
+            raise SeqgenError(f"a tokenizer run has only a held-out split, not {split!r}")
         model = model or self.model
         device = device or next(model.parameters()).device
         was_training = model.training

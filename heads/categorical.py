@@ -1,5 +1,6 @@
-"""Categorical head: a linear map to the domain's vocabulary, cross-entropy loss, and a sampler with
-temperature, top-k, top-p, greedy and classifier-free guidance."""
+"""Categorical head: a linear map to the domain's vocabulary plus its END id (so a variable-length
+segment ends itself), cross-entropy loss, and a sampler with temperature, top-k, top-p, greedy,
+classifier-free guidance and a per-row restriction of the outputs (``allowed``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -32,13 +33,13 @@ class CategoricalHead(nn.Module):
         if spec.vocab_size is None:
             raise SeqgenError(f"categorical head needs a discrete domain; {spec.name!r} has no vocab_size")
         self.config, self.spec = config, spec
-        self.proj = nn.Linear(dim, spec.vocab_size, bias=config.bias)
+        self.proj = nn.Linear(dim, spec.head_size, bias=config.bias)
         nn.init.normal_(self.proj.weight, std=0.02)
         if config.bias:
             nn.init.zeros_(self.proj.bias)
 
     def logits(self, h: Tensor) -> Tensor:
-        """h (..., D) -> (..., V)."""
+        """h (..., D) -> (..., V + 1): the vocabulary, then END."""
         return self.proj(h)
 
     def nll(self, h: Tensor, targets: Tensor) -> Tensor:
@@ -63,15 +64,19 @@ class CategoricalHead(nn.Module):
 
     def sample(self, h: Tensor, *, generator: torch.Generator | None = None, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, h_uncond: Tensor | None = None,
-               cfg_scale: float = 1.0) -> Tensor:
-        """h (..., D) -> ids (...).  With h_uncond, logits are guided: u + s * (c - u)."""
+               cfg_scale: float = 1.0, allowed: Tensor | None = None) -> Tensor:
+        """h (..., D) -> ids (...).  With h_uncond, logits are guided: u + s * (c - u).  ``allowed``
+        (..., V + 1) bool keeps only those outputs (the scheduler allows END only where a segment may end)."""
         logits = self.logits(h)
         if h_uncond is not None and cfg_scale != 1.0:
             logits = cfg_combine(logits.float(), self.logits(h_uncond).float(), cfg_scale)
+        if allowed is not None:
+            logits = logits.float().masked_fill(~allowed, float("-inf"))
         return sample_logits(logits, generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
 
     def _check_targets(self, targets: Tensor) -> None:
         # data are validated when encoded; on accelerators skip the host sync this check would cost
-        if targets.device.type == "cpu" and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.spec.vocab_size):
+        if targets.device.type == "cpu" and targets.numel() and (int(targets.min()) < 0 or int(targets.max()) >= self.spec.head_size):
             raise SeqgenError(f"targets outside the vocabulary of {self.spec.name!r}: got "
-                              f"[{int(targets.min())}, {int(targets.max())}], expected 0 <= id < {self.spec.vocab_size}")
+                              f"[{int(targets.min())}, {int(targets.max())}], expected 0 <= id < {self.spec.head_size} "
+                              "(vocabulary + END)")

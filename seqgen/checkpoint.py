@@ -31,8 +31,8 @@ LATEST = "latest"
 
 # sections (and dotted keys) that shape the model or its data: a checkpoint cannot be resumed or loaded
 # across changes here
-SHAPING = ("task", "condition", "data", "domain", "backbone", "head", "paradigm", "tokenizer", "model",
-           "train.val_fraction")
+SHAPING = ("task", "seed", "data", "domains", "heads", "mixture", "loss_weights", "backbone", "paradigm",
+           "tokenizer", "model", "train.val_fraction", "train.pack")
 
 
 class CheckpointError(SeqgenError):

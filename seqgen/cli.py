@@ -1,7 +1,7 @@
 """The ``seqgen`` command.
 
     seqgen train CONFIG.yaml [--out DIR] [--resume | --overwrite] [--dotted.key=value ...]
-    seqgen sample RUN_DIR [--n 100] [--cfg_scale 2] [--temperature 1] [--out FILE]
+    seqgen sample RUN_DIR [--prompt TEXT | --image FILE | --labels 3,7] [--n 100] [--cfg_scale 2] [--out FILE]
     seqgen eval RUN_DIR [--out FILE.json]
     seqgen list [ops]
     seqgen data list | seqgen data get NAME [NAME ...]
@@ -65,15 +65,18 @@ def cmd_sample(argv: list[str]) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--n", type=int, help="number of samples")
     ap.add_argument("--out", help="output file (default: RUN_DIR/samples/samples.png or .txt)")
+    ap.add_argument("--entry", help="mixture entry (recipe) to sample from (default: the first, or the one the "
+                    "condition you give selects)")
+    ap.add_argument("--prompt", help="a text condition (a caption), or the text a stream continues")
+    ap.add_argument("--image", help="an image file as the condition (e.g. a scene to caption)")
+    ap.add_argument("--labels", help="class ids (comma-separated) as conditions, one sample each")
     ap.add_argument("--temperature", type=float)
     ap.add_argument("--top_k", type=int)
     ap.add_argument("--top_p", type=float)
-    ap.add_argument("--cfg_scale", type=float, help="classifier-free guidance scale (class-conditional runs)")
+    ap.add_argument("--cfg_scale", type=float, help="classifier-free guidance scale (conditioned entries)")
     ap.add_argument("--cfg_schedule", choices=["constant", "linear"])
     ap.add_argument("--order", choices=["raster", "random"])
-    ap.add_argument("--length", type=int, help="text: tokens per sample")
-    ap.add_argument("--prompt", help="text: what to continue")
-    ap.add_argument("--labels", help="images: comma-separated class ids, one sample each")
+    ap.add_argument("--length", type=int, help="streams: tokens per sample; variable-length targets: the limit")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", default="auto")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights even if EMA weights exist")
@@ -89,26 +92,81 @@ def cmd_sample(argv: list[str]) -> int:
         return _sample_tokenizer(task, args, device)
     s = task.cfg.sample
     knobs = {k: getattr(args, k) if getattr(args, k) is not None else getattr(s, k)
-             for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "order", "length", "prompt")}
-    n = args.n or s.num
+             for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "order")}
+    entry, conds, nrow, prompt = choose_conditions(task, args, args.n or s.num)
+    e = task.entry(entry)
+    if not e.cond and knobs["cfg_scale"] != 1.0 and args.cfg_scale is None:
+        knobs["cfg_scale"] = 1.0  # the config's default guidance does not apply to an unconditioned entry
     seed = s.seed if args.seed is None else args.seed
     g = torch.Generator(device=device) if device.type != "cpu" else torch.Generator()
     g.manual_seed(seed)
-    labels = [int(x) for x in args.labels.split(",")] if args.labels else None
     from tqdm.auto import tqdm
 
-    bar = tqdm(total=1, desc="sampling", unit="tok", unit_scale=True, dynamic_ncols=True, mininterval=0.5)
+    bar = tqdm(total=1, desc="sampling", unit="sample", dynamic_ncols=True, mininterval=0.5)
 
     def progress(done, total):
         bar.total = total
         bar.update(done - bar.n)
-    samples = task.generate(n=n, labels=labels, generator=g, batch_size=s.batch_size, progress=progress, **knobs)
+    n = len(conds) if conds is not None else (args.n or s.num)
+    length = args.length if args.length is not None else (s.length if e.stream else None)
+    results = task.generate(entry=e.name, conds=conds, n=n, prompt=prompt, length=length, generator=g,
+                            batch_size=s.batch_size, progress=progress, **knobs)
     bar.close()
-    default = "samples.txt" if task.is_text else "samples.png"
-    out = Path(args.out or Path(args.run_dir) / "samples" / default)
-    path = task.write_samples(samples, out, prompt=knobs["prompt"])
-    print(f"wrote {path}")
+    suffix = task.adapters[e.target[0]].sample_suffix
+    out = Path(args.out or Path(args.run_dir) / "samples" / f"samples{suffix}")
+    for path in task.write_samples(e.name, results, out, conds=conds, nrow=nrow, prompt=prompt):
+        print(f"wrote {path}")
+    if n <= 20:  # short text results are printed too
+        for r in results:
+            for k in e.target:
+                if isinstance(r[k], str):
+                    print((prompt or "") + r[k])
     return 0
+
+
+def choose_conditions(task, args, n: int):
+    """Which mixture entry a command line asks for, and its conditions: (entry, conds, nrow, prompt)."""
+    entries = task.entries if not args.entry else [task.entry(args.entry)]
+
+    def reads(e, method):
+        return [k for k in e.cond if hasattr(task.adapters[k], method)]
+
+    def one(kind: str, method: str):
+        found = [(e, reads(e, method)) for e in entries if len(e.cond) == 1 and reads(e, method)]
+        if not found:
+            have = "; ".join(f"{e.name}: {', '.join(e.cond) or 'no condition'}" for e in task.entries)
+            raise SeqgenError(f"this model has no condition that reads {kind}; its entries are ({have})")
+        return found[0][0], found[0][1][0]
+    if args.image:
+        e, k = one("an image file", "read_file")
+        item = task.adapters[k].read_file(args.image)
+        return e.name, [{k: item}] * n, None, None
+    if args.labels:
+        e, k = one("class labels", "default_prompts")
+        ids = [task.adapters[k].from_prompt(x) for x in args.labels.split(",")]
+        return e.name, [{k: y} for y in ids], None, None
+    if args.prompt is not None:
+        streams = [e for e in entries if e.stream]
+        conditioned = [e for e in entries if len(e.cond) == 1 and reads(e, "from_prompt")
+                       and not hasattr(task.adapters[e.cond[0]], "default_prompts")]
+        if conditioned:
+            e, k = conditioned[0], conditioned[0].cond[0]
+            return e.name, [{k: task.adapters[k].from_prompt(args.prompt)}] * n, None, None
+        if streams:
+            return streams[0].name, None, None, args.prompt
+        e, k = one("a text prompt", "from_prompt")
+        return e.name, [{k: task.adapters[k].from_prompt(args.prompt)}] * n, None, None
+    e = entries[0]
+    if e.stream:
+        return e.name, None, None, task.cfg.sample.prompt
+    if not e.cond:
+        return e.name, None, None, None
+    if len(e.cond) == 1 and hasattr(task.adapters[e.cond[0]], "default_prompts"):
+        items, nrow = task.adapters[e.cond[0]].default_prompts(n)
+        return e.name, [{e.cond[0]: x} for x in items], nrow, None
+    recs = e.records["heldout"]  # conditions of the first n held-out records
+    N = len(next(iter(recs.values())))
+    return e.name, [{c: recs[e.field_of(c)][i % N] for c in e.cond} for i in range(n)], None, None
 
 
 def _sample_tokenizer(task, args, device) -> int:
@@ -132,7 +190,7 @@ def cmd_eval(argv: list[str]) -> int:
     ap.add_argument("run_dir")
     ap.add_argument("--out", help="JSON file (default: RUN_DIR/eval.json)")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--samples_per_class", type=int)
+    ap.add_argument("--samples", type=int, help="samples per mixture entry for sample-based metrics")
     ap.add_argument("--cfg_scale", type=float)
     ap.add_argument("--no-compressors", action="store_true")
     ap.add_argument("--dynamic", action="store_true",
@@ -145,7 +203,7 @@ def cmd_eval(argv: list[str]) -> int:
     from .evaluate import evaluate_run, format_table
 
     results = evaluate_run(args.run_dir, device=_device(args.device), ema=not args.no_ema,
-                           samples_per_class=args.samples_per_class, cfg_scale=args.cfg_scale,
+                           samples=args.samples, cfg_scale=args.cfg_scale,
                            compressors=False if args.no_compressors else None, best=not args.last,
                            dynamic=True if (args.dynamic or args.dynamic_lr is not None) else None,
                            dynamic_lr=args.dynamic_lr)

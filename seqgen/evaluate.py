@@ -1,12 +1,13 @@
 """Per-domain evaluation of a trained run.
 
-Text     held-out bits per byte (sliding windows), beside general-purpose compressors on the same
-         held-out text: bz2 -9 and xz -9 given all the training text as context, gzip -9 alone.
-Images   held-out bits per dimension.  For class-conditional image runs, a small CNN classifier trained
-         once on the real training split (cached) scores samples: conditional accuracy (does the
-         classifier see the requested class?), and the Frechet distance between the classifier's
-         penultimate features of samples and of held-out real images ("FD-digits", the FID recipe of
-         Heusel et al., 2017, with a domain classifier in place of Inception).
+Per mixture entry (a source with its recipe) and per target domain: held-out NLL in bits per raw unit
+(bits per byte for text, per dimension for images), and for conditioned entries the same with the
+condition replaced by the null condition (how much the condition helps).  Adapters may add reference
+figures (text: bz2 -9 and xz -9 given the training text as context, gzip -9 alone).  Sources may score
+samples: generated from held-out records' conditions, at temperature 1 and with guidance, then
+``source.score(field, records, samples)`` -- a digit classifier's accuracy on the requested labels and
+the Frechet distance in its features ("FD-digits", the FID recipe of Heusel et al., 2017, with a domain
+classifier in place of Inception), both digits of a scene right, the exact digit pair of a caption.
 """
 from __future__ import annotations
 
@@ -138,10 +139,10 @@ def compressor_bits_per_byte(train: str, heldout: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per_class: int | None = None,
+def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples: int | None = None,
                  cfg_scale: float | None = None, compressors: bool | None = None, best: bool = True,
                  dynamic: bool | None = None, dynamic_lr: float | None = None) -> dict:
-    from .task import load_run
+    from .task import load_run, take
 
     device = torch.device(device or "cpu")
     task = load_run(run_dir, device=device, ema=ema, best=best)
@@ -151,67 +152,92 @@ def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples_per
     e = cfg.eval
     res: dict = {"run": str(run_dir), "name": cfg.name, "checkpoint": f"{task.checkpoint.parent.name}/{task.checkpoint.name}",
                  "parameters": sum(p.numel() for p in task.model.parameters())}
+    amp = dict(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda")
     t0 = time.time()
-    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-        res.update(task.evaluate_nll(batch_size=256, stride=e.stride, device=device))
+    with torch.autocast(**amp):
+        nll = task.evaluate_nll(batch_size=256, stride=e.stride, device=device)
+        null = task.evaluate_nll(batch_size=256, stride=e.stride, device=device, null=True)
+    res["heldout_nll"], res["heldout_tokens"] = nll["heldout_nll"], nll["heldout_tokens"]
+    for k in ("bits_per_dim", "bits_per_byte"):
+        if k in nll:
+            res[k] = nll[k]
     res["nll_seconds"] = time.time() - t0
-    if task.is_text:
-        if dynamic if dynamic is not None else e.dynamic:
-            res["dynamic"] = dynamic_evaluation(task, device, lr=dynamic_lr)
-        if compressors if compressors is not None else e.compressors:
-            res["compressors_bits_per_byte"] = compressor_bits_per_byte(task.splits.train, task.splits.heldout)
-        return res
-    if task.label is None:
-        return res
-    clf = digit_classifier(task.splits)
-    pred, real_feats = classify(clf, task.splits.heldout)
-    res["classifier_heldout_accuracy"] = float((pred == task.splits.heldout_labels).mean())
-    per = samples_per_class or e.samples_per_class
-    C = task.label.config.num_classes
-    labels = np.repeat(np.arange(C), per)
-    # reference: real training images (a random subset as large as the sample set) against held-out
-    pick = np.random.default_rng(e.seed).permutation(len(task.splits.train))[:len(labels)]
-    ref = np.asarray(task.splits.train)[np.sort(pick)]
-    res["fd_real_train_vs_heldout"] = frechet_distance(classify(clf, ref)[1], real_feats)
-    for tag, scale in (("temperature_1", 1.0), ("guided", cfg_scale or e.cfg_scale)):
-        g = torch.Generator(device=device)
-        g.manual_seed(e.seed)
-        t0 = time.time()
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            images, _ = task.generate(n=len(labels), labels=labels, generator=g, temperature=e.temperature,
-                                      cfg_scale=scale, cfg_schedule=e.cfg_schedule, batch_size=cfg.sample.batch_size)
-        secs = time.time() - t0
-        p, f = classify(clf, images)
-        res[tag] = {"cfg_scale": scale, "temperature": e.temperature, "samples": len(labels),
-                    "conditional_accuracy": float((p == labels).mean()),
-                    "fd_vs_heldout": frechet_distance(f, real_feats), "seconds": secs}
+    n_samples = samples or e.samples
+    for entry in task.entries:
+        out: dict = {"source": entry.source_key, "cond": entry.cond, "target": entry.target}
+        for k in entry.target:
+            unit = task.adapters[k].unit
+            d = {f"bits_per_{unit}": nll[f"{entry.name}/{k}/bits_per_{unit}"], "nll_per_token": nll[f"{entry.name}/{k}/nll"]}
+            if f"{entry.name}/{k}/bits_per_{unit}" in null:
+                d[f"bits_per_{unit}_null_condition"] = null[f"{entry.name}/{k}/bits_per_{unit}"]
+            out[k] = d
+        if entry.stream:
+            a = task.adapters[entry.target[0]]
+            f = entry.field_of(entry.target[0])
+            if (compressors if compressors is not None else e.compressors) and hasattr(a, "baselines"):
+                out["baselines"] = a.baselines(list(entry.records["train"][f]), list(entry.records["heldout"][f]))
+        elif hasattr(entry.source, "score") and len(entry.target) == 1:
+            out.update(sample_scores(task, entry, n_samples, device, cfg_scale or e.cfg_scale, amp, take))
+        res[entry.name] = out
+    if dynamic if dynamic is not None else e.dynamic:
+        res["dynamic"] = dynamic_evaluation(task, device, lr=dynamic_lr)
     return res
 
 
-def dynamic_evaluation(task, device, lr: float | None = None) -> dict:
-    """Dynamic evaluation of a text run: the learning rate (``lr``, or the best of eval.dynamic_lrs on the
-    validation split -- never on the held-out split) then scores the held-out split."""
+def sample_scores(task, entry, n: int, device, cfg_scale: float, amp: dict, take) -> dict:
+    """Generate ``entry``'s target from the conditions of n held-out records (cycled), at temperature 1
+    and (conditioned entries) with guidance, and score the samples with the source."""
     e = task.cfg.eval
+    recs = entry.records["heldout"]
+    N = len(next(iter(recs.values())))
+    idx = np.arange(n) % N
+    sub = take(recs, idx)
+    (k,) = entry.target
+    conds = [{c: sub[entry.field_of(c)][i] for c in entry.cond} for i in range(n)] if entry.cond else None
+    out: dict = {}
+    if hasattr(entry.source, "reference_scores"):
+        out["reference"] = entry.source.reference_scores(entry.field_of(k))
+    settings = [("temperature_1", 1.0)] + ([("guided", cfg_scale)] if entry.cond else [])
+    for tag, scale in settings:
+        g = torch.Generator(device=device)
+        g.manual_seed(e.seed)
+        t0 = time.time()
+        with torch.autocast(**amp):
+            gen = task.generate(entry=entry.name, conds=conds, n=n, generator=g, temperature=e.temperature,
+                                cfg_scale=scale, cfg_schedule=e.cfg_schedule, batch_size=task.cfg.sample.batch_size)
+        secs = time.time() - t0
+        scores = entry.source.score(entry.field_of(k), sub, [r[k] for r in gen])
+        out[tag] = {"cfg_scale": scale, "temperature": e.temperature, **scores, "seconds": secs}
+    return out
+
+
+def dynamic_evaluation(task, device, lr: float | None = None) -> dict:
+    """Dynamic evaluation of a run's stream: the learning rate (``lr``, or the best of eval.dynamic_lrs on
+    the validation split -- never on the held-out split) then scores the held-out split."""
+    e = task.cfg.eval
+    entry = task.stream_entry()
+    u = f"bits_per_{task.adapters[entry.target[0]].unit}"
     lrs = [lr] if lr is not None else list(e.dynamic_lrs)
     if not lrs:
         raise SeqgenError("eval.dynamic_lrs is empty")
-    segment = e.dynamic_segment or e.stride or max(1, task.context // 2)
-    out: dict = {"optimizer": e.dynamic_optimizer, "segment": segment}
+    segment = e.dynamic_segment or e.stride or max(1, task.context_of(entry) // 2)
+    out: dict = {"entry": entry.name, "unit": u, "optimizer": e.dynamic_optimizer, "segment": segment}
     kw = dict(segment=segment, optimizer=e.dynamic_optimizer, device=device, autocast=device.type == "cuda")
     t0 = time.time()
+    static_kw = dict(stride=segment, device=device, entries=[entry.name])
     if len(lrs) > 1:
         if not task.has_val:
             raise SeqgenError("choosing the dynamic-evaluation learning rate needs a validation split "
                               "(train.val_fraction > 0); or give one rate: `seqgen eval RUN --dynamic_lr 0.01`")
-        static = task.evaluate_nll(split="val", stride=segment, device=device)
-        by_lr = {f"{lr:g}": task.evaluate_dynamic(lr=lr, split="val", **kw)["bits_per_byte"] for lr in lrs}
-        out["val_static_bits_per_byte"] = static["bits_per_byte"]
-        out["val_bits_per_byte_by_lr"] = by_lr
+        static = task.evaluate_nll(split="val", **static_kw)
+        by_lr = {f"{lr:g}": task.evaluate_dynamic(lr=lr, split="val", **kw)[u] for lr in lrs}
+        out[f"val_static_{u}"] = static[u]
+        out[f"val_{u}_by_lr"] = by_lr
         lr = min(lrs, key=lambda r: by_lr[f"{r:g}"])
     else:  # one given rate
         lr = lrs[0]
     out["lr"] = lr
-    out["static_bits_per_byte"] = task.evaluate_nll(stride=segment, device=device)["bits_per_byte"]
+    out[f"static_{u}"] = task.evaluate_nll(**static_kw)[u]
     out.update(task.evaluate_dynamic(lr=lr, split="heldout", **kw))
     out["seconds"] = time.time() - t0
     return out
@@ -220,22 +246,30 @@ def dynamic_evaluation(task, device, lr: float | None = None) -> dict:
 def format_table(res: dict) -> str:
     rows = [("run", res.get("name", "")), ("checkpoint", res.get("checkpoint", "")),
             ("parameters", f"{res.get('parameters', 0) / 1e6:.3f}M")]
-    for k in ("bits_per_dim", "bits_per_byte", "heldout_nll", "classifier_heldout_accuracy",
-              "fd_real_train_vs_heldout", "recon_mse", "recon_psnr", "mean_image_mse", "codebook_usage",
-              "code_perplexity"):
+    for k in ("bits_per_dim", "bits_per_byte", "heldout_nll", "recon_mse", "recon_psnr", "mean_image_mse",
+              "codebook_usage", "code_perplexity"):
         if k in res:
             rows.append((k, f"{res[k]:.4f}"))
-    for tag in ("temperature_1", "guided"):
-        if tag in res:
-            r = res[tag]
-            rows.append((f"{tag} (cfg {r['cfg_scale']:g})",
-                         f"accuracy {r['conditional_accuracy']:.3f}  FD {r['fd_vs_heldout']:.2f}  ({r['seconds']:.1f}s)"))
+    for name, entry in res.items():
+        if not isinstance(entry, dict) or "target" not in entry:
+            continue
+        for k in entry["target"]:
+            for metric, v in entry.get(k, {}).items():
+                if metric.startswith("bits_per"):
+                    rows.append((f"{name}: {k} {metric}", f"{v:.4f}"))
+        for tag in ("reference", "temperature_1", "guided"):
+            if tag in entry:
+                r = entry[tag]
+                shown = "  ".join(f"{m} {v:.3f}" for m, v in r.items()
+                                  if isinstance(v, float) and m not in ("cfg_scale", "temperature", "seconds"))
+                label = f"{name}: {tag}" + (f" (cfg {r['cfg_scale']:g})" if "cfg_scale" in r else "")
+                rows.append((label, shown + (f"  ({r['seconds']:.1f}s)" if "seconds" in r else "")))
+        for b, v in entry.get("baselines", {}).items():
+            rows.append((f"{name}: {b}", f"{v:.4f} bits/byte"))
     if "dynamic" in res:
         d = res["dynamic"]
-        rows.append((f"bits_per_byte, dynamic eval ({d['optimizer']} lr {d['lr']:g}, segment {d['segment']})",
-                     f"{d['bits_per_byte']:.4f}  (static at this stride {d['static_bits_per_byte']:.4f}; "
-                     f"{d['seconds']:.0f}s)"))
-    for name, v in res.get("compressors_bits_per_byte", {}).items():
-        rows.append((name, f"{v:.4f} bits/byte"))
+        unit = d["unit"]
+        rows.append((f"{unit}, dynamic eval ({d['optimizer']} lr {d['lr']:g}, segment {d['segment']})",
+                     f"{d[unit]:.4f}  (static at this stride {d['static_' + unit]:.4f}; {d['seconds']:.0f}s)"))
     w = max(len(k) for k, _ in rows)
     return "\n".join(f"{k:<{w}}  {v}" for k, v in rows)

@@ -1,10 +1,14 @@
-"""The four component protocols (structural: a class conforms without inheriting from anything).
+"""The component protocols (structural: a class conforms without inheriting from anything).
 
-tests/test_conformance.py checks every registered component against them.
+This file is the contract: it lists everything the runtime calls on a component.  Methods marked
+*optional* may be missing; the runtime checks with ``hasattr`` and says what it cannot do without them.
+``tests/test_conformance.py`` pushes every registered adapter (and the README's example adapter)
+through a real training step, held-out NLL and sampling.
 """
 from __future__ import annotations
 
-from typing import Any, Protocol, runtime_checkable
+from pathlib import Path
+from typing import Any, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -15,15 +19,75 @@ from .types import Batch, DomainSpec, TokenSequence
 
 @runtime_checkable
 class DomainAdapter(Protocol):
-    """Raw data <-> TokenSequence."""
+    """Raw items of one domain <-> tokens.  An adapter owns representation only: it knows nothing of
+    losses, batches, other domains or modality indices (the runtime assigns those, and renames
+    ``spec`` to the run's key for the domain, so two domains may share one adapter class).
+
+    Required:
+
+    ``spec``                 DomainSpec: vocab_size (discrete) or value_dim (continuous), pos_axes.
+    ``Config``               a nested @dataclass of the adapter's options (``__init__(config)``).
+    ``encode(items)``        a sequence of raw items -> TokenSequence (N, L): ids or values, *local*
+                             coordinates (``pos``), ``valid`` False on the tail of items shorter
+                             than the longest (variable-length domains).  ``modality`` is ignored.
+    ``decode(seq)``          TokenSequence (N, L) -> list of N raw items.  Tokens may come in any
+                             order (their ``pos`` says where they go) and ``valid`` marks which exist.
+    ``layout(n, length)``    TokenSequence (n, L) of what to generate: local coordinates in the
+                             default generation order (ids ignored).  ``length`` is the number of
+                             tokens for a variable-length domain (ignored by a fixed-length one).
+    ``variable_length``      True when items differ in length (text): the segment then ends itself
+                             with the domain's END id and ``layout`` takes a length limit.
+    ``unit``                 what one raw unit is ("byte", "dim") for per-unit likelihoods.
+    ``units(seq)``           (N, L) float: raw units each token stands for (bits per unit =
+                             NLL / ln 2 / units).
+    ``write_samples(items, path, **kw) -> Path``   write generated items to a file a person opens
+                             (``sample_suffix`` gives its extension: ".png", ".txt").
+    ``example_batch(n, generator)``  n small synthetic raw items (tests, docs).
+
+    Optional:
+
+    ``fit(train_items, run_dir)``     learn what the adapter needs from the training split (a BPE, a
+                                      tokenizer run) and save it in run_dir; called before ``spec``
+                                      is read, also when a run is reloaded (then it loads).
+    ``encode_stream(items) -> (N,)``  many texts -> one long id stream (runs that cut windows).
+    ``from_prompt(text) -> item``     read an item from a command-line prompt (text, a class name).
+    ``read_file(path) -> item``       read an item from a file a person gives (a PNG).
+    ``encode_cache() -> (dir, key)``  where encodings of a data set may be cached, and a key that
+                                      changes whenever the encoding would (tokenizer, scan order).
+    ``baselines(train_items, heldout_items) -> dict``  reference bits per unit (text compressors).
+    ``default_prompts(n) -> (items, nrow)``  conditions for a sample grid when none are given.
+    """
 
     spec: DomainSpec
+    variable_length: bool
+    unit: str
+    sample_suffix: str
 
-    def encode(self, raw: Any) -> TokenSequence: ...  # raw batch -> tokens
+    def encode(self, items: Sequence[Any]) -> TokenSequence: ...
 
-    def decode(self, seq: TokenSequence) -> Any: ...  # tokens -> raw (inverse up to quantization)
+    def decode(self, seq: TokenSequence) -> list[Any]: ...
 
-    def example_batch(self, n: int, generator: torch.Generator | None = None) -> Any: ...  # tiny synthetic batch
+    def layout(self, n: int, length: int | None = None) -> TokenSequence: ...
+
+    def units(self, seq: TokenSequence) -> Tensor: ...
+
+    def write_samples(self, items: Sequence[Any], path: str | Path, **kw) -> Path: ...
+
+    def example_batch(self, n: int, generator: torch.Generator | None = None) -> list[Any]: ...
+
+
+@runtime_checkable
+class Source(Protocol):
+    """A data set: records in columns, per split.  Knows files and splits, nothing of tokens.
+
+    ``records(split)``   split "train" or "heldout" -> dict of equal-length columns
+                         ({"image": (N, H, W) array, "label": (N,) array} or {"text": [str]} ...).
+    Optional: ``fetch()`` (download what is missing), ``score(field, records, generated) -> dict``
+    (sample-based metrics of items generated for ``field`` from those records' conditions),
+    ``reference_scores(field) -> dict`` (the same metrics for the real held-out items).
+    """
+
+    def records(self, split: str) -> dict[str, Sequence[Any]]: ...
 
 
 @runtime_checkable
@@ -53,7 +117,13 @@ class Backbone(Protocol):
 
 @runtime_checkable
 class Head(Protocol):
-    """Hidden states -> loss and samples (ids (N,) for discrete heads, values (N, C) for continuous)."""
+    """Hidden states -> loss and samples.  Built as ``cls(config, dim, spec)``.
+
+    ``loss(h (N, D), targets)``   targets are ids (N,) for a discrete domain (vocabulary or END) or
+                                  values (N, C) for a continuous one -> (mean loss, {"nll_sum", "count"}).
+    ``sample(h, generator=, allowed=, h_uncond=, cfg_scale=, **knobs)``  -> ids (N,) or values (N, C);
+                                  ``allowed`` (N, V + 1) bool restricts discrete outputs.
+    """
 
     def loss(self, h: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> tuple[Tensor, dict]: ...
 
@@ -62,8 +132,14 @@ class Head(Protocol):
 
 @runtime_checkable
 class Paradigm(Protocol):
-    """How a training example is arranged and how generation proceeds."""
+    """How a training example is arranged and how a target segment is filled at sampling time.
 
-    def prepare(self, data: TokenSequence, prefix: TokenSequence | None = None, **kw) -> Batch: ...
+    ``prepare(examples, generator=, progress=, null=)``  encoded examples (lists of pieces, see
+        ``seqgen.examples``) -> a Batch (shift-by-one for AR; in-place targets for masked paradigms).
+    ``fill(model, plan, ...)``  fill the target slots of a ``seqgen.generate.Plan`` after its prompt
+        has been prefilled (the AR token loop today).
+    """
 
-    def generate(self, model, prompt: TokenSequence, layout: TokenSequence, **knobs) -> TokenSequence: ...
+    def prepare(self, examples: list, **kw) -> Batch: ...
+
+    def fill(self, model, plan, **knobs) -> Any: ...

@@ -37,8 +37,11 @@ class TargetPositionEmbedding(nn.Module):
 
 
 class SeqModel(nn.Module):
+    """specs: the run's domains in modality order; heads: domain name -> head (target domains only);
+    loss_weights: domain name -> weight of that head's token-mean loss (default 1)."""
+
     def __init__(self, specs: list[DomainSpec], backbone: nn.Module, heads: dict[str, nn.Module],
-                 target_pos: bool = False, max_target_pos: int = 4096):
+                 target_pos: bool = False, max_target_pos: int = 4096, loss_weights: dict[str, float] | None = None):
         super().__init__()
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -46,17 +49,21 @@ class SeqModel(nn.Module):
         unknown = set(heads) - set(names)
         if unknown:
             raise SeqgenError(f"heads given for unknown domains {sorted(unknown)}; domains are {names}")
+        bad = set(loss_weights or {}) - set(heads)
+        if bad:
+            raise SeqgenError(f"loss_weights for {sorted(bad)}, which have no head; heads: {sorted(heads)}")
         self.specs = list(specs)
+        self.loss_weights = {n: float((loss_weights or {}).get(n, 1.0)) for n in heads}
         self.backbone = backbone
         D = backbone.dim
         self.embeds = nn.ModuleDict()
+        self.value_embeds = nn.ModuleDict()
         for s in specs:
-            if s.vocab_size is not None:
-                emb = nn.Embedding(s.table_size, D)
-                nn.init.normal_(emb.weight, std=0.02)
-            else:
-                emb = nn.Linear(s.value_dim, D)
+            emb = nn.Embedding(s.table_size, D)  # vocabulary + special ids (special ids only, if continuous)
+            nn.init.normal_(emb.weight, std=0.02)
             self.embeds[s.name] = emb
+            if s.value_dim is not None:
+                self.value_embeds[s.name] = nn.Linear(s.value_dim, D)
         self.heads = nn.ModuleDict(heads)
         self.target_pos = TargetPositionEmbedding(D, max_target_pos) if target_pos else None
 
@@ -81,23 +88,29 @@ class SeqModel(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def embed(self, seq: TokenSequence, target_pos: Tensor | None = None) -> Tensor:
-        """(B, L) tokens -> (B, L, D).  Each position goes through its own domain's table."""
+        """(B, L) tokens -> (B, L, D).  Each position goes through its own domain's table (value tokens of
+        a continuous domain, id -1, through its linear embedding).  An id outside its domain's table is
+        an error, never clamped."""
+        if seq.ids is None:
+            raise SeqgenError("the sequence has no ids (continuous tokens carry id -1, special tokens their id)")
         x = None
+        check = seq.ids.device.type == "cpu"  # on accelerators data are validated when they enter the runtime
+        single = len(self.specs) == 1
         for k, s in enumerate(self.specs):
-            emb = self.embeds[s.name]
-            if s.vocab_size is not None:
-                if seq.ids is None:
-                    raise SeqgenError(f"domain {s.name!r} is discrete but the sequence has no ids")
-                e = emb(seq.ids.clamp(0, s.table_size - 1))
-            else:
+            sel = None if single else (seq.modality == k)
+            ids = seq.ids if single else torch.where(sel, seq.ids, 0)
+            is_value = ids < 0
+            if check and ids.numel():
+                lo, hi = int(ids.min()), int(ids.max())
+                if hi >= s.table_size or (lo < 0 and s.value_dim is None):
+                    raise SeqgenError(f"ids outside the table of domain {s.name!r}: got [{lo}, {hi}], expected "
+                                      f"0 <= id < {s.table_size} (vocabulary {s.vocab_size} + special ids)")
+            e = self.embeds[s.name](ids.clamp(min=0))
+            if s.value_dim is not None:
                 if seq.values is None:
                     raise SeqgenError(f"domain {s.name!r} is continuous but the sequence has no values")
-                e = emb(seq.values)
-            if len(self.specs) == 1:
-                x = e
-            else:
-                sel = (seq.modality == k).unsqueeze(-1)
-                x = torch.where(sel, e, 0.0) if x is None else torch.where(sel, e, x)
+                e = torch.where(is_value.unsqueeze(-1), self.value_embeds[s.name](seq.values.to(e.dtype)), e)
+            x = e if x is None else torch.where(sel.unsqueeze(-1), e, x)
         if self.target_pos is not None:
             if target_pos is None:
                 raise SeqgenError("this model conditions on target positions (random-order AR); pass target_pos")
@@ -118,27 +131,27 @@ class SeqModel(nn.Module):
         return self.loss_from_hidden(h, batch)
 
     def loss_from_hidden(self, h: Tensor, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        total, count, metrics = h.new_zeros(()), 0, {}
+        """Sum over heads of weight x (token-mean loss of that head).  Metrics per domain: NLL sum
+        (nats), token count, and raw units (when the batch carries them)."""
+        total, any_head, metrics = h.new_zeros(()), False, {}
         for k, s in enumerate(self.specs):
             if s.name not in self.heads:
                 continue
-            sel = batch.loss_mask if len(self.heads) == 1 else batch.loss_mask & (batch.target_modality == k)
-            loss_k, m = self.heads[s.name].loss(h[sel], batch.targets[sel])
-            n = m["count"]
-            total = total + loss_k * n
-            count = count + n
+            sel = batch.loss_mask & (batch.target_modality == k)
+            if s.vocab_size is None:
+                if batch.target_values is None:
+                    raise SeqgenError(f"domain {s.name!r} is continuous but the batch has no value targets")
+                targets = batch.target_values[sel]
+            else:
+                targets = batch.targets[sel]
+            loss_k, m = self.heads[s.name].loss(h[sel], targets)
+            total = total + self.loss_weights[s.name] * loss_k
+            any_head = True
             metrics[f"{s.name}/nll_sum"] = m["nll_sum"]
-            metrics[f"{s.name}/count"] = n
-        if isinstance(count, int):
+            metrics[f"{s.name}/count"] = m["count"]
+            metrics[f"{s.name}/loss"] = loss_k.detach()
+            if batch.units is not None:
+                metrics[f"{s.name}/units"] = batch.units[sel].sum()
+        if not any_head:
             raise SeqgenError("the model has no head for any target domain of this batch")
-        return total / count.clamp(min=1), metrics
-
-    def predict_head_index(self, target_modality: Tensor) -> int:
-        """The single head index a decoding step uses (all rows must predict the same domain)."""
-        if len(self.heads) == 1:  # no need to look (and to sync with the device)
-            return next(i for i, s in enumerate(self.specs) if s.name in self.heads)
-        m = target_modality.reshape(-1)
-        k = int(m[0])
-        if m.numel() > 1 and bool((m != k).any()):
-            raise SeqgenError("one decoding step must predict one domain for all rows")
-        return k
+        return total, metrics

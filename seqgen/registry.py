@@ -126,6 +126,8 @@ PARADIGMS = Registry("paradigm", "seqgen.paradigms", {
 DATASETS = Registry("dataset", "seqgen.datasets", {
     "digits": "seqgen.datasets:Digits",
     "mnist": "seqgen.datasets:MNIST",
+    "emoji": "seqgen.emoji:Emoji",
+    "mnist_scenes": "seqgen.scenes:MNISTScenes",
     "image_folder": "seqgen.datasets:ImageFolder",
     "shakespeare": "seqgen.datasets:Shakespeare",
     "text_folder": "seqgen.datasets:TextFolder",

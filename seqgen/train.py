@@ -137,11 +137,13 @@ def make_fabric(cfg: RunConfig):
     accelerator = t.accelerator
     if accelerator == "auto":
         accelerator = "cuda" if torch.cuda.is_available() else "cpu"
-    precision = t.precision
-    if precision == "auto":
-        precision = "bf16-mixed" if accelerator in ("cuda", "gpu") else "32-true"
+    from .precision import resolve_precision
+
+    precision, reason = resolve_precision(t.precision, accelerator)
+    log.info("precision: %s (%s)", precision, reason)
     fabric = Fabric(accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
                     num_nodes=t.num_nodes)
+    fabric.print(f"precision: {precision} ({reason})")
     fabric.seqgen_precision = precision
     return fabric
 
@@ -216,7 +218,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     if t.compile:
         objective = torch.compile(objective)
     objective, opt = fabric.setup(objective, opt)
-    sampler = task.train_sampler(t.batch_size, cfg.seed, fabric.global_rank)
+    sampler = task.train_sampler(t.batch_size, cfg.seed, fabric.global_rank, fabric.world_size)
     ema = EMA(model, t.ema) if t.ema > 0 else None
     step = 0
     if ckpt is not None:

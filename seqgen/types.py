@@ -24,12 +24,15 @@ if TYPE_CHECKING:  # pragma: no cover
 
 NUM_AXES = 3
 
-# Extra rows every discrete embedding table carries after the domain's own vocabulary.
-# The heads never predict them; paradigms use them as inputs.
-NULL_OFFSET = 0  # null condition (classifier-free guidance): id = vocab_size + 0
-MASK_OFFSET = 1  # [MASK] for masked / parallel paradigms:   id = vocab_size + 1
-BOS_OFFSET = 2  # start token for unconditional generation:  id = vocab_size + 2
-NUM_SPECIAL = 3
+# Extra rows every domain's embedding table carries after the domain's own vocabulary (for a
+# continuous domain: a table of these rows alone).  Heads predict their vocabulary plus END (so END
+# sits right after the vocabulary: a categorical head's output index equals the id); the others are
+# inputs only.
+END_OFFSET = 0  # end of a segment: predicted, so a variable-length segment ends itself
+NULL_OFFSET = 1  # null condition (classifier-free guidance)
+MASK_OFFSET = 2  # [MASK] for masked / parallel paradigms
+BEGIN_OFFSET = 3  # begin of a segment (the runtime places it; never predicted)
+NUM_SPECIAL = 4
 
 
 class SeqgenError(ValueError):
@@ -60,26 +63,38 @@ class DomainSpec:
             raise SeqgenError(f"domain {self.name!r}: pos_axes must be in 1..{NUM_AXES}, got {self.pos_axes}")
 
     @property
+    def special_base(self) -> int:
+        """First special id: the vocabulary size (0 for a continuous domain, whose value tokens carry
+        id -1 and whose special tokens are rows of a small table of their own)."""
+        return self.vocab_size or 0
+
+    @property
+    def end_id(self) -> int:
+        return self.special_base + END_OFFSET
+
+    @property
     def null_id(self) -> int:
-        return self._special(NULL_OFFSET)
+        return self.special_base + NULL_OFFSET
 
     @property
     def mask_id(self) -> int:
-        return self._special(MASK_OFFSET)
+        return self.special_base + MASK_OFFSET
 
     @property
-    def bos_id(self) -> int:
-        return self._special(BOS_OFFSET)
+    def begin_id(self) -> int:
+        return self.special_base + BEGIN_OFFSET
 
     @property
     def table_size(self) -> int:
-        """Rows of this domain's embedding table: the vocabulary plus the special ids."""
-        return self._special(NUM_SPECIAL)
+        """Rows of this domain's id embedding table: the vocabulary plus the special ids."""
+        return self.special_base + NUM_SPECIAL
 
-    def _special(self, offset: int) -> int:
+    @property
+    def head_size(self) -> int:
+        """Outputs of a categorical head over this domain: the vocabulary plus END."""
         if self.vocab_size is None:
-            raise SeqgenError(f"domain {self.name!r} is continuous; it has no special token ids")
-        return self.vocab_size + offset
+            raise SeqgenError(f"domain {self.name!r} is continuous; it has no categorical outputs")
+        return self.vocab_size + 1
 
 
 def line_positions(length: int, batch_size: int = 1, start: int = 0, device=None) -> Tensor:
@@ -297,15 +312,19 @@ class TokenSequence:
 
 @dataclass
 class Batch:
-    """One training example batch, arranged by a paradigm.
+    """One batch arranged by a paradigm: flat rows holding one example each (padded) or several
+    (packed, ``doc`` tells them apart).
 
     inputs:           what the model reads, (B, L) tokens
-    targets:          (B, L) ids (or (B, L, C) values) the model predicts at each input position
-    target_modality:  (B, L) which domain's head predicts each position
+    targets:          (B, L) ids the model predicts at each input position (0 where none)
+    target_modality:  (B, L) which domain's head predicts each position (routing)
     loss_mask:        (B, L) bool, True where the prediction counts toward the loss
     mask:             the attention MaskSpec
+    target_values:    (B, L, C) value targets for continuous domains, or None
+    units:            (B, L) float raw units (bytes, pixels ...) each target stands for (0 for END), or None
+    doc:              (B, L) long example index inside its row (packing; -1 on padding), or None
     target_pos:       (B, L, 3) coordinates of the token being predicted (random-order AR), or None
-    null_cond:        (B,) bool, rows whose condition was dropped to the null condition
+    null_cond:        (B,) bool, rows whose condition was dropped to the null condition (padded batches)
     """
 
     inputs: TokenSequence
@@ -313,12 +332,18 @@ class Batch:
     target_modality: Tensor
     loss_mask: Tensor
     mask: "MaskSpec"
+    target_values: Tensor | None = None
+    units: Tensor | None = None
+    doc: Tensor | None = None
     target_pos: Tensor | None = None
     null_cond: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device) -> "Batch":
+        def mv(t):
+            return None if t is None else t.to(device)
         return Batch(inputs=self.inputs.to(device), targets=self.targets.to(device),
                      target_modality=self.target_modality.to(device), loss_mask=self.loss_mask.to(device),
-                     mask=self.mask.to(device), target_pos=None if self.target_pos is None else self.target_pos.to(device),
-                     null_cond=None if self.null_cond is None else self.null_cond.to(device), extras=self.extras)
+                     mask=self.mask.to(device), target_values=mv(self.target_values), units=mv(self.units),
+                     doc=mv(self.doc), target_pos=mv(self.target_pos), null_cond=mv(self.null_cond),
+                     extras=self.extras)

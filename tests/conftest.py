@@ -22,23 +22,47 @@ def pytest_collection_modifyitems(config, items):
 
 
 def tiny_digits_config(**over) -> dict:
-    """A class-conditional digits run small enough for a unit test (seconds on a CPU)."""
+    """A class-conditional digits run small enough for a unit test (seconds on a CPU): [label | image]."""
     cfg = {
         "name": "tiny_digits",
         "seed": 0,
-        "condition": "class",
-        "data": {"name": "digits", "heldout": 300},
-        "domain": {"name": "image", "height": 8, "width": 8, "levels": 17},
+        "domains": {"label": {"adapter": "label", "num_classes": 10},
+                    "image": {"adapter": "image", "height": 8, "width": 8, "levels": 17}},
+        "heads": {"image": "categorical"},
+        "mixture": [{"name": "label_to_image", "source": {"name": "digits", "heldout": 300},
+                     "cond": ["label"], "target": ["image"]}],
         "backbone": {"name": "transformer", "dim": 32, "layers": 2, "heads": 4, "kv_heads": 2},
-        "head": {"name": "categorical"},
         "paradigm": {"name": "ar"},
         "train": {"steps": 20, "batch_size": 16, "lr": 3e-3, "warmup_steps": 5, "eval_every": 0,
                   "log_every": 1, "ckpt_every": 10, "eval_batches": 1},
         "sample": {"num": 10},
-        "eval": {"samples_per_class": 5},
+        "eval": {"samples": 50},
     }
     for k, v in over.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict):
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("domains", "heads"):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
+def tiny_text_config(path, **over) -> dict:
+    """A byte-level language model over a folder of .txt files (one stream cut into windows)."""
+    cfg = {
+        "name": "tiny_text",
+        "seed": 0,
+        "domains": {"text": {"adapter": "text", "tokenizer": "bytes", "context": 32}},
+        "mixture": [{"name": "text", "source": {"name": "text_folder", "path": str(path)}, "target": ["text"],
+                     "stream": True}],
+        "backbone": {"name": "transformer", "dim": 32, "layers": 2, "heads": 4},
+        "paradigm": {"name": "ar"},
+        "train": {"steps": 20, "batch_size": 8, "lr": 3e-3, "warmup_steps": 5, "eval_every": 0, "log_every": 1,
+                  "ckpt_every": 10, "eval_batches": 1},
+        "sample": {"num": 2, "length": 20},
+        "eval": {"compressors": False},
+    }
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("domains", "heads"):
             cfg[k] = {**cfg[k], **v}
         else:
             cfg[k] = v

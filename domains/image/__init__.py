@@ -47,15 +47,26 @@ def scan_order(height: int, width: int, scan: str) -> Tensor:
 
 @register_domain("image")
 class ImageDomain:
+    variable_length = False
+    unit = "dim"
+    sample_suffix = ".png"
+
     @dataclass
     class Config:
         height: int = 8
         width: int = 8
         channels: int = 1
         levels: int = 17
-        """pixel tokens: intensities quantized to this many values (vocabulary size)"""
+        """pixel tokens: intensities quantized to this many values"""
+        pixel_tokens: str = "channels"
+        """pixel tokens: channels (one token per channel value, vocabulary levels) or rgb (one token per
+        pixel, vocabulary levels ** channels: three times shorter sequences for colour images)"""
         tokenizer: str = "pixels"
-        """pixels, or the run directory of a trained patch tokenizer (task: tokenizer)"""
+        """pixels, or the run directory of a trained patch tokenizer (task: tokenizer).  A tokenizer
+        trained on smaller images tiles larger ones (28x28 codes side by side for a 28x56 scene)"""
+        tokenizer_config: str = ""
+        """a tokenizer run config (YAML): when the tokenizer run directory holds no trained tokenizer,
+        ``seqgen train`` trains it there first"""
         scan: str = "raster"
         """sequence order over the grid: raster, column or diagonal"""
 
@@ -63,31 +74,64 @@ class ImageDomain:
         def tiny(cls) -> "ImageDomain.Config":
             return cls(height=4, width=4, levels=5)
 
-    def __init__(self, config: "ImageDomain.Config | None" = None, modality: int = 0):
+    def __init__(self, config: "ImageDomain.Config | None" = None):
         self.config = cfg = config or self.Config()
-        self.modality = modality
         if min(cfg.height, cfg.width, cfg.channels) < 1:
             raise SeqgenError(f"image: height, width and channels must be >= 1; got {cfg}")
+        if cfg.pixel_tokens not in ("channels", "rgb"):
+            raise SeqgenError(f"image: pixel_tokens must be channels or rgb, got {cfg.pixel_tokens!r}")
+        if cfg.scan not in SCANS:
+            raise SeqgenError(f"image: unknown scan {cfg.scan!r}; known: {', '.join(SCANS)}")
         self.tokenizer = None
+        self.spec = None
         if cfg.tokenizer == "pixels":
             if cfg.levels < 2:
                 raise SeqgenError(f"image: levels must be >= 2, got {cfg.levels}")
-            self.grid = (cfg.height, cfg.width)
-            self.token_channels = cfg.channels
-            vocab = cfg.levels
-        else:
-            from seqgen.domains.tokenizers import load_tokenizer
+            self._set_grid((cfg.height, cfg.width), cfg.levels ** cfg.channels if self._joint else cfg.levels,
+                           1 if self._joint else cfg.channels)
+        elif _has_tokenizer(cfg.tokenizer) or not cfg.tokenizer_config:
+            self._load_tokenizer()
 
-            self.tokenizer = load_tokenizer(cfg.tokenizer)
-            tk = self.tokenizer
-            if (tk.height, tk.width, tk.channels) != (cfg.height, cfg.width, cfg.channels):
-                raise SeqgenError(f"image: tokenizer {cfg.tokenizer} was trained on {tk.height}x{tk.width}x{tk.channels} "
-                                  f"images, the domain is {cfg.height}x{cfg.width}x{cfg.channels}")
-            self.grid = tk.grid
-            self.token_channels = 1
-            vocab = tk.vocab_size
+    @property
+    def _joint(self) -> bool:
+        return self.config.tokenizer == "pixels" and self.config.pixel_tokens == "rgb" and self.config.channels > 1
+
+    def _set_grid(self, grid: tuple[int, int], vocab: int, token_channels: int) -> None:
+        self.grid, self.token_channels = grid, token_channels
         self.spec = DomainSpec("image", vocab_size=vocab, pos_axes=2)
-        self._order = scan_order(*self.grid, cfg.scan)  # (h*w, 2)
+        self._order = scan_order(*grid, self.config.scan)  # (h*w, 2)
+
+    def _load_tokenizer(self) -> None:
+        from seqgen.domains.tokenizers import load_tokenizer
+
+        cfg = self.config
+        self.tokenizer = tk = load_tokenizer(cfg.tokenizer)
+        if tk.channels != cfg.channels or cfg.height % tk.height or cfg.width % tk.width:
+            raise SeqgenError(f"image: tokenizer {cfg.tokenizer} was trained on {tk.height}x{tk.width}x{tk.channels} "
+                              f"images; the domain is {cfg.height}x{cfg.width}x{cfg.channels} (it must be a grid "
+                              "of tokenizer-sized tiles)")
+        self.tiles = (cfg.height // tk.height, cfg.width // tk.width)
+        self._set_grid((self.tiles[0] * tk.grid[0], self.tiles[1] * tk.grid[1]), tk.vocab_size, 1)
+
+    def fit(self, train_items=None, run_dir: Path | None = None) -> None:
+        """Find the tokenizer run, or train it first from ``tokenizer_config`` when it is missing."""
+        cfg = self.config
+        if cfg.tokenizer == "pixels" or self.tokenizer is not None:
+            return
+        if not _has_tokenizer(cfg.tokenizer):
+            from seqgen.config import RunConfig
+            from seqgen.train import train
+
+            log.warning("image: no tokenizer in %s: training it from %s first", cfg.tokenizer, cfg.tokenizer_config)
+            train(RunConfig.load(cfg.tokenizer_config), cfg.tokenizer, resume=True, progress_bar=False)
+        self._load_tokenizer()
+
+    def encode_cache(self) -> tuple[Path, str] | None:
+        """Codes of a learned tokenizer are cached in its run folder, keyed by everything that decides them."""
+        if self.tokenizer is None:
+            return None
+        stamp = getattr(self.tokenizer, "checkpoint", "")
+        return Path(self.config.tokenizer) / "codes", f"{stamp}_{self.config.scan}_{self.config.height}x{self.config.width}"
 
     # ------------------------------------------------------------------ layout
     @property
@@ -96,9 +140,12 @@ class ImageDomain:
 
     @property
     def dims_per_token(self) -> float:
-        """Raw dimensions (pixels x channels) each token stands for: 1 for pixel tokens."""
+        """Raw dimensions (pixels x channels) each token stands for: 1 for per-channel pixel tokens."""
         cfg = self.config
         return cfg.height * cfg.width * cfg.channels / self.length
+
+    def units(self, seq: TokenSequence) -> Tensor:
+        return torch.full(seq.ids.shape, self.dims_per_token)
 
     def positions(self) -> Tensor:
         """(L, 3) coordinates in sequence order: (channel, row, col)."""
@@ -107,16 +154,15 @@ class ImageDomain:
         ch = torch.arange(C).repeat(len(self._order))
         return torch.stack([ch, rc[:, 0], rc[:, 1]], dim=1)
 
-    def layout(self, batch_size: int, device=None) -> TokenSequence:
-        pos = self.positions().to(device).unsqueeze(0).expand(batch_size, -1, -1).clone()
-        return TokenSequence.from_ids(torch.zeros(batch_size, self.length, dtype=torch.long, device=device),
-                                      pos=pos, modality=self.modality)
+    def layout(self, n: int, length: int | None = None) -> TokenSequence:
+        pos = self.positions().unsqueeze(0).expand(n, -1, -1).clone()
+        return TokenSequence.from_ids(torch.zeros(n, self.length, dtype=torch.long), pos=pos)
 
     # ------------------------------------------------------------------ encode / decode
     def _as_nhwc(self, images) -> np.ndarray:
         x = np.asarray(images, dtype=np.float32)
         cfg = self.config
-        if x.ndim == 3:
+        if x.ndim == 3 and cfg.channels == 1:
             x = x[..., None]
         if x.ndim != 4 or x.shape[1:] != (cfg.height, cfg.width, cfg.channels):
             raise SeqgenError(f"image: expected images of shape (N, {cfg.height}, {cfg.width}"
@@ -125,27 +171,45 @@ class ImageDomain:
             raise SeqgenError(f"image: values must be finite and in [0, 1]; got range [{x.min()}, {x.max()}]")
         return x
 
+    def _require_spec(self) -> None:
+        if self.spec is None:
+            raise SeqgenError(f"image: the tokenizer {self.config.tokenizer} is not trained yet; call fit() "
+                              "(seqgen train does, from image.tokenizer_config)")
+
     def encode_grid(self, images) -> Tensor:
-        """Images -> (N, h, w, C') long token grid (C' = channels for pixels, 1 for codes)."""
+        """Images -> (N, h, w, C') long token grid (C' = channels for pixels, 1 for codes or rgb)."""
+        self._require_spec()
         x = self._as_nhwc(images)
         if self.tokenizer is None:
-            return torch.from_numpy(np.rint(x * (self.config.levels - 1))).long()
-        return self.tokenizer.encode(torch.from_numpy(x)).unsqueeze(-1)
+            q = torch.from_numpy(np.rint(x * (self.config.levels - 1))).long()
+            if self._joint:
+                base = self.config.levels ** torch.arange(self.config.channels)
+                q = (q * base).sum(-1, keepdim=True)
+            return q
+        tk = self.tokenizer
+        t = torch.from_numpy(x)
+        th, tw = self.tiles
+        rows = []
+        for i in range(th):
+            cols = [tk.encode(t[:, i * tk.height:(i + 1) * tk.height, j * tk.width:(j + 1) * tk.width])
+                    for j in range(tw)]
+            rows.append(torch.cat(cols, dim=2))
+        return torch.cat(rows, dim=1).unsqueeze(-1)
 
     def encode(self, images) -> TokenSequence:
-        """(N, H, W[, C]) floats in [0, 1] -> (N, L) tokens in scan order."""
-        grid = self.encode_grid(images)
-        return self.grid_to_sequence(grid)
+        """(N, H, W[, C]) floats in [0, 1] -> (N, L) tokens in scan order, local coordinates."""
+        return self.grid_to_sequence(self.encode_grid(images))
 
     def grid_to_sequence(self, grid: Tensor) -> TokenSequence:
         N = grid.shape[0]
         r, c = self._order[:, 0], self._order[:, 1]
         ids = grid[:, r, c, :].reshape(N, -1)  # (N, h*w*C') in scan order, channels innermost
         pos = self.positions().unsqueeze(0).expand(N, -1, -1).clone()
-        return TokenSequence.from_ids(ids, pos=pos, modality=self.modality)
+        return TokenSequence.from_ids(ids, pos=pos)
 
     def sequence_to_grid(self, seq: TokenSequence) -> Tensor:
         """Place tokens by their coordinates (any order) -> (N, h, w, C') long."""
+        self._require_spec()
         if seq.ids is None:
             raise SeqgenError("image: decode needs token ids")
         N, L = seq.ids.shape
@@ -159,26 +223,60 @@ class ImageDomain:
         grid.scatter_(1, flat, seq.ids.cpu())
         return grid.view(N, h, w, C)
 
-    def decode(self, seq: TokenSequence) -> np.ndarray:
-        """Tokens -> (N, H, W) or (N, H, W, C) floats in [0, 1]."""
+    def decode(self, seq: TokenSequence) -> list[np.ndarray]:
+        """Tokens -> a list of (H, W) or (H, W, C) float images in [0, 1]."""
         grid = self.sequence_to_grid(seq)
         if grid.numel() and (int(grid.min()) < 0 or int(grid.max()) >= self.spec.vocab_size):
             raise SeqgenError(f"image: token ids outside 0..{self.spec.vocab_size - 1}")
+        cfg = self.config
         if self.tokenizer is None:
-            x = grid.float().numpy() / (self.config.levels - 1)
+            if self._joint:
+                base = cfg.levels ** torch.arange(cfg.channels)
+                grid = (grid // base) % cfg.levels
+            x = grid.float().numpy() / (cfg.levels - 1)
         else:
-            x = self.tokenizer.decode(grid[..., 0]).numpy()
-        return x[..., 0] if self.config.channels == 1 else x
+            tk, (th, tw) = self.tokenizer, self.tiles
+            gh, gw = tk.grid
+            codes = grid[..., 0]
+            x = np.zeros((grid.shape[0], cfg.height, cfg.width, cfg.channels), np.float32)
+            for i in range(th):
+                for j in range(tw):
+                    x[:, i * tk.height:(i + 1) * tk.height, j * tk.width:(j + 1) * tk.width] = tk.decode(
+                        codes[:, i * gh:(i + 1) * gh, j * gw:(j + 1) * gw].contiguous()).numpy()
+        x = x[..., 0] if cfg.channels == 1 else x
+        return list(x)
 
-    def example_batch(self, n: int, generator: torch.Generator | None = None) -> np.ndarray:
+    def example_batch(self, n: int, generator: torch.Generator | None = None) -> list[np.ndarray]:
         cfg = self.config
         x = torch.rand(n, cfg.height, cfg.width, cfg.channels, generator=generator).numpy()
-        return x[..., 0] if cfg.channels == 1 else x
+        return list(x[..., 0] if cfg.channels == 1 else x)
 
     # ------------------------------------------------------------------ files
-    def write_samples(self, images: np.ndarray, path: str | Path, nrow: int | None = None) -> Path:
+    def read_file(self, path: str | Path) -> np.ndarray:
+        """A PNG / JPEG a person gives -> one raw image (checked against the domain's size)."""
+        from PIL import Image, UnidentifiedImageError
+
+        cfg = self.config
+        try:
+            im = Image.open(path)
+            im = im.convert("L" if cfg.channels == 1 else "RGB")
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise SeqgenError(f"image: cannot read {path}: {e}") from None
+        if im.size != (cfg.width, cfg.height):
+            raise SeqgenError(f"image: {path} is {im.size[0]}x{im.size[1]} (width x height); this model reads "
+                              f"{cfg.width}x{cfg.height} images")
+        return np.asarray(im, np.float32) / 255.0
+
+    def write_samples(self, images, path: str | Path, nrow: int | None = None, **_) -> Path:
         """Save images as one PNG grid (each cell scaled up to at least 32 px)."""
-        return save_image_grid(images, path, nrow)
+        return save_image_grid(np.stack([np.asarray(x) for x in images]), path, nrow)
+
+
+def _has_tokenizer(run_dir: str) -> bool:
+    from seqgen.checkpoint import latest_checkpoint
+
+    p = Path(run_dir)
+    return p.is_dir() and latest_checkpoint(p) is not None
 
 
 def save_image_grid(images: np.ndarray, path: str | Path, nrow: int | None = None, pad: int = 2) -> Path:

@@ -98,6 +98,13 @@ def _chunks(text: str, size: int = 1 << 16) -> list[str]:
 
 @register_domain("text")
 class TextDomain:
+    """Text: a caption or name (a variable-length segment that ends itself), or a long stream cut into
+    windows of ``context`` tokens (``stream: true`` in the run's mixture)."""
+
+    variable_length = True
+    unit = "byte"
+    sample_suffix = ".txt"
+
     @dataclass
     class Config:
         tokenizer: str = "bytes"
@@ -105,80 +112,95 @@ class TextDomain:
         vocab_size: int = 1024
         """BPE vocabulary size (ignored for bytes)"""
         context: int = 256
-        """training window length in tokens"""
+        """stream windows: training window length in tokens"""
+        max_length: int = 128
+        """longest item generated as a target segment (it ends earlier at its END id)"""
 
         @classmethod
         def tiny(cls) -> "TextDomain.Config":
-            return cls(context=32)
+            return cls(context=32, max_length=32)
 
-    def __init__(self, config: "TextDomain.Config | None" = None, modality: int = 0):
+    def __init__(self, config: "TextDomain.Config | None" = None):
         self.config = cfg = config or self.Config()
-        self.modality = modality
         if cfg.tokenizer not in TOKENIZERS:
             raise SeqgenError(f"text: unknown tokenizer {cfg.tokenizer!r}; known: {', '.join(TOKENIZERS)}")
         if cfg.context < 2:
             raise SeqgenError(f"text: context must be >= 2 tokens, got {cfg.context}")
+        if cfg.max_length < 1:
+            raise SeqgenError(f"text: max_length must be >= 1, got {cfg.max_length}")
         self.tok = ByteTokenizer() if cfg.tokenizer == "bytes" else None
         self.spec = DomainSpec("text", vocab_size=256 if cfg.tokenizer == "bytes" else cfg.vocab_size, pos_axes=1)
+        self._token_bytes: Tensor | None = None
+
+    @property
+    def context(self) -> int:
+        """Stream windows: tokens of context a window gives the model."""
+        return self.config.context
 
     # ------------------------------------------------------------------ fitting (BPE)
-    @property
-    def needs_fit(self) -> bool:
-        return self.tok is None
-
-    def fit(self, train_text: str, run_dir: Path | None = None) -> None:
-        """Train the BPE on the training split; saved as run_dir/tokenizer.json (loaded if present)."""
+    def fit(self, train_items, run_dir: Path | None = None) -> None:
+        """Train the BPE on the training texts; saved as run_dir/tokenizer.json (loaded if present)."""
         if self.config.tokenizer != "bpe":
             return
         path = None if run_dir is None else Path(run_dir) / "tokenizer.json"
         if path is not None and path.exists():
             self.tok = BPETokenizer.load(path)
         else:
-            log.info("training a byte-level BPE with %d tokens on %d characters", self.config.vocab_size,
-                     len(train_text))
-            self.tok = BPETokenizer.train(train_text, self.config.vocab_size)
+            text = "\n\n".join(self._check_texts(train_items))
+            log.info("training a byte-level BPE with %d tokens on %d characters", self.config.vocab_size, len(text))
+            self.tok = BPETokenizer.train(text, self.config.vocab_size)
             if path is not None:
                 self.tok.save(path)
         if self.tok.vocab_size != self.spec.vocab_size:
             raise SeqgenError(f"text: the BPE has {self.tok.vocab_size} tokens but the config says "
                               f"vocab_size={self.spec.vocab_size} (too little text to learn that many merges?)")
-
-    def load(self, run_dir: Path) -> None:
-        if self.config.tokenizer == "bpe":
-            path = Path(run_dir) / "tokenizer.json"
-            if not path.exists():
-                raise SeqgenError(f"text: {path} is missing; the run's BPE tokenizer is needed to read its tokens")
-            self.tok = BPETokenizer.load(path)
+        self._token_bytes = None
 
     def _tokenizer(self):
         if self.tok is None:
-            raise SeqgenError("text: the BPE tokenizer is not trained yet; call fit(train_text) or load(run_dir)")
+            raise SeqgenError("text: the BPE tokenizer is not trained yet; call fit(train_texts, run_dir)")
         return self.tok
 
+    @staticmethod
+    def _check_texts(items) -> list[str]:
+        items = [items] if isinstance(items, str) else list(items)
+        for t in items:
+            if not isinstance(t, str):
+                raise SeqgenError(f"text: expected str items, got {type(t).__name__}")
+        return items
+
     # ------------------------------------------------------------------ encode / decode
-    def encode_stream(self, text: str) -> Tensor:
-        """A whole corpus -> (N,) long ids."""
-        if not isinstance(text, str):
-            raise SeqgenError(f"text: expected a str, got {type(text).__name__}")
-        if not text:
+    def encode_stream(self, items) -> Tensor:
+        """Texts -> one (N,) long id stream (each text encoded on its own, then concatenated)."""
+        items = self._check_texts(items)
+        if not any(items):
             raise SeqgenError("text: cannot encode an empty text")
-        ids = self._tokenizer().encode(text)
+        ids = [i for t in items for i in self._tokenizer().encode(t)]
         return torch.tensor(np.asarray(ids, dtype=np.int64))
 
-    def encode(self, texts) -> TokenSequence:
-        """str or list of str of equal token length -> (B, L) tokens."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
-        rows = [self._tokenizer().encode(t) for t in texts]
-        if not rows or not rows[0]:
-            raise SeqgenError("text: nothing to encode (empty text)")
-        if len({len(r) for r in rows}) != 1:
-            raise SeqgenError(f"text: a batch needs texts of one token length; got {sorted({len(r) for r in rows})}")
-        return TokenSequence.from_ids(torch.tensor(rows, dtype=torch.long), modality=self.modality)
+    def encode(self, items) -> TokenSequence:
+        """Texts -> (N, L) tokens, L the longest; ``valid`` False after the end of shorter texts."""
+        items = self._check_texts(items)
+        rows = [self._tokenizer().encode(t) for t in items]
+        if not rows:
+            raise SeqgenError("text: nothing to encode (no texts)")
+        if any(len(r) == 0 for r in rows):
+            raise SeqgenError("text: cannot encode an empty text")
+        L = max(len(r) for r in rows)
+        ids = torch.zeros(len(rows), L, dtype=torch.long)
+        valid = torch.zeros(len(rows), L, dtype=torch.bool)
+        for i, r in enumerate(rows):
+            ids[i, :len(r)] = torch.tensor(r, dtype=torch.long)
+            valid[i, :len(r)] = True
+        return TokenSequence.from_ids(ids, valid=valid)
 
     def decode(self, seq: TokenSequence) -> list[str]:
+        if seq.ids is None:
+            raise SeqgenError("text: decode needs token ids")
         order = seq.pos[..., 0].argsort(dim=1)
-        ids = torch.gather(seq.ids, 1, order)
-        return [self._tokenizer().decode(row.tolist()) for row in ids.cpu()]
+        ids = torch.gather(seq.ids, 1, order).cpu()
+        valid = torch.gather(seq.valid, 1, order).cpu()
+        return [self._tokenizer().decode(row[v].tolist()) for row, v in zip(ids, valid)]
 
     def decode_ids(self, ids) -> str:
         return self._tokenizer().decode(list(ids))
@@ -186,23 +208,45 @@ class TextDomain:
     def windows(self, stream: Tensor, starts: Tensor, length: int) -> TokenSequence:
         """Cut windows stream[s : s + length] -> (B, length) tokens at positions 0..length-1."""
         idx = starts.view(-1, 1) + torch.arange(length)
-        return TokenSequence.from_ids(stream[idx], modality=self.modality)
+        return TokenSequence.from_ids(stream[idx])
 
-    def layout(self, batch_size: int, length: int, device=None) -> TokenSequence:
-        return TokenSequence(ids=torch.zeros(batch_size, length, dtype=torch.long, device=device), values=None,
-                             pos=line_positions(length, batch_size, device=device),
-                             modality=torch.full((batch_size, length), self.modality, dtype=torch.long, device=device),
-                             valid=torch.ones(batch_size, length, dtype=torch.bool, device=device))
+    def layout(self, n: int, length: int | None = None) -> TokenSequence:
+        L = self.config.max_length if length is None else int(length)
+        return TokenSequence.from_ids(torch.zeros(n, L, dtype=torch.long), pos=line_positions(L, n))
+
+    def units(self, seq: TokenSequence) -> Tensor:
+        """UTF-8 bytes each token stands for (bits per byte = total bits / total bytes)."""
+        if self._token_bytes is None:
+            tok = self._tokenizer()
+            if self.config.tokenizer == "bytes":
+                self._token_bytes = torch.ones(256)
+            else:  # byte-level BPE: every character of a token's string stands for exactly one byte
+                self._token_bytes = torch.tensor([float(len(tok.tok.id_to_token(i))) for i in range(tok.vocab_size)])
+        return self._token_bytes[seq.ids.clamp(0, len(self._token_bytes) - 1).cpu()]
+
+    # ------------------------------------------------------------------ people
+    def from_prompt(self, text: str) -> str:
+        if not isinstance(text, str) or not text:
+            raise SeqgenError("text: a prompt must be a non-empty string")
+        return text
+
+    def baselines(self, train_items, heldout_items) -> dict[str, float]:
+        """General-purpose compressors on the same held-out text, in bits per byte."""
+        from seqgen.evaluate import compressor_bits_per_byte
+
+        return compressor_bits_per_byte("\n\n".join(train_items), "\n\n".join(heldout_items))
 
     def example_batch(self, n: int, generator: torch.Generator | None = None) -> list[str]:
-        """n random lower-case strings of 12 characters (one token length for bytes)."""
+        """n random lower-case strings of 4 to 12 characters."""
+        lens = torch.randint(4, 13, (n,), generator=generator).tolist()
         idx = torch.randint(0, 26, (n, 12), generator=generator)
-        return ["".join(chr(97 + i) for i in row) for row in idx.tolist()]
+        return ["".join(chr(97 + i) for i in row[:k]) for row, k in zip(idx.tolist(), lens)]
 
-    def write_samples(self, texts: list[str], path: str | Path, prompt: str = "") -> Path:
+    def write_samples(self, texts: list[str], path: str | Path, prompt: str = "", conditions=None, **_) -> Path:
+        """One text per block; a condition, when given, is written above its sample."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         sep = "\n\n" + "=" * 72 + "\n\n"
-        path.write_text(sep.join(prompt + t for t in texts) + "\n", encoding="utf-8")
+        blocks = [(f"[{conditions[i]}]\n" if conditions is not None else "") + prompt + t for i, t in enumerate(texts)]
+        path.write_text(sep.join(blocks) + "\n", encoding="utf-8")
         return path
-

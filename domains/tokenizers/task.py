@@ -92,8 +92,8 @@ class TokenizerTask:
         self.checkpoint: Path | None = None  # set by seqgen.task.load_run
 
     # ------------------------------------------------------------------ training
-    def train_sampler(self, batch_size: int, seed: int = 0, rank: int = 0) -> ExampleSampler:
-        return ExampleSampler(len(self.train_images), batch_size, seed, rank)
+    def train_sampler(self, batch_size: int, seed: int = 0, rank: int = 0, world: int = 1) -> ExampleSampler:
+        return ExampleSampler(len(self.train_images), batch_size, seed, rank, world)
 
     def make_batch(self, draw: Tensor, generator: torch.Generator | None = None, progress: float = 0.0,
                    split: str = "train") -> ImageBatch:

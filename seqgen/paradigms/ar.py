@@ -1,8 +1,10 @@
 """Next-token prediction, in raster order or in random order (RAR).
 
-Training (``prepare``).  The sequence is [prefix | data]: the prefix is the condition (a class token, a
-text prompt) or a start token.  Inputs are full[:-1], targets full[1:], and the loss counts only
-targets that are data tokens.
+Training (``prepare``).  Each example is flattened (``seqgen.examples.flatten``: every segment wrapped
+in its domain's begin / end ids, coordinates past the earlier segments); inputs are flat[:-1], targets
+flat[1:], and the loss counts the targets that are tokens of target segments (and the END of a
+variable-length target).  Examples are padded into rows, or packed several per row
+(``same_document & causal``).
 
 Random order (RAR, Yu et al., 2024, "Randomized Autoregressive Visual Generation").  With
 probability r each example's data tokens are permuted; tokens keep their true N-D coordinates (RoPE
@@ -11,12 +13,15 @@ reads them), and every input token also carries the coordinates of the token it 
 token goes.  r is annealed: 1 until ``anneal_start`` (a fraction of training), then linearly to 0 at
 ``anneal_end``, after which training is plain raster order.
 
-Condition dropout.  With probability ``cond_dropout`` the condition is replaced by the null condition
-(the domain's null id), so one model learns p(x | c) and p(x); sampling combines them with
-classifier-free guidance: logits = u + s * (c - u).
+Condition dropout.  With probability ``cond_dropout`` an example's condition segments are replaced by
+the null condition (one NULL token per segment, so the null row shows nothing of the condition, not
+even its length), so one model learns p(x | c) and p(x); sampling combines them with classifier-free
+guidance: logits = u + s * (c - u).
 
-Generation (``generate``).  Prefill the prompt into a KV cache, then one token per step, in raster or a
-per-sample random order.  With guidance the conditional and null rows run as one doubled batch.
+Generation (``fill``).  The scheduler (``seqgen.generate``) prefills the prompt; ``fill`` then walks
+every row's slot table one token per step (rows may be in different segments at the same step), in
+layout or a per-sample random order.  With guidance the conditional and null rows run as one doubled
+batch.
 """
 from __future__ import annotations
 
@@ -25,10 +30,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from ..masks import causal
+from ..examples import Flat, Piece, flatten, null_piece, stack_rows
+from ..generate import DATA, Plan
+from ..masks import causal, same_document
 from ..registry import register_paradigm
 from ..sampling import cfg_scale_at
-from ..types import Batch, SeqgenError, TokenSequence
+from ..types import Batch, DomainSpec, SeqgenError, TokenSequence
 
 ORDERS = ("raster", "random")
 
@@ -86,121 +93,174 @@ class AutoRegressive:
         return 1.0 - (progress - cfg.anneal_start) / (cfg.anneal_end - cfg.anneal_start)
 
     # ------------------------------------------------------------------ training
-    def prepare(self, data: TokenSequence, prefix: TokenSequence | None = None, *,
-                null_prefix: TokenSequence | None = None, generator: torch.Generator | None = None,
-                progress: float = 0.0) -> Batch:
-        """Arrange one training batch.
+    def prepare(self, examples: list[list[Piece]], *, specs: list[DomainSpec], generator: torch.Generator | None = None,
+                progress: float = 0.0, train: bool = True, null: bool = False, pack: int = 0) -> Batch:
+        """Arrange one batch of encoded examples.
 
-        data:         (B, L) tokens to model
-        prefix:       (B, P) condition or start token, never predicted (None: the first data token is
-                      not predicted either, as for windows cut from a long text)
-        null_prefix:  (B, P) the null condition that ``cond_dropout`` swaps in
-        progress:     fraction of training done, for the RAR annealing schedule
+        train:  apply condition dropout and (random order) permutations; False for evaluation
+        null:   replace every condition by the null condition (how much does the condition help?)
+        pack:   0 pads one example per row; n > 0 packs examples into rows of n tokens
+        progress: fraction of training done, for the RAR annealing schedule
         """
-        B, L = data.batch_size, data.length
-        device = data.device
-        null = None
-        r = self.permute_rate(progress)
-        if r > 0:
-            order = random_orders(B, L, generator, device)
-            if r < 1:
-                keep = _rand((B,), generator, device) >= r  # these rows stay in raster order
-                order = torch.where(keep.unsqueeze(1), torch.arange(L, device=device).expand(B, L), order)
-            data = data.gather(order)
-        if prefix is not None and null_prefix is not None and self.config.cond_dropout > 0:
-            if null_prefix.length != prefix.length:
-                raise SeqgenError("null condition must have the same length as the condition")
-            null = _rand((B,), generator, device) < self.config.cond_dropout
-            prefix = prefix.replace(ids=torch.where(null.unsqueeze(1), null_prefix.ids, prefix.ids))
-        P = 0 if prefix is None else prefix.length
-        full = TokenSequence.cat(prefix, data) if prefix is not None else data
-        if full.ids is None:
-            raise SeqgenError("the ar paradigm with a categorical head needs discrete ids")
-        inputs = full.slice(0, -1)
-        idx = torch.arange(P + L - 1, device=device)
-        loss_mask = (idx >= P - 1).unsqueeze(0) & full.valid[:, 1:]
-        return Batch(inputs=inputs, targets=full.ids[:, 1:], target_modality=full.modality[:, 1:],
-                     loss_mask=loss_mask, mask=causal(),
-                     target_pos=full.pos[:, 1:] if self.needs_target_pos else None, null_cond=null)
+        B = len(examples)
+        if B == 0:
+            raise SeqgenError("cannot prepare an empty batch")
+        r = self.permute_rate(progress) if train else 0.0
+        drop = torch.zeros(B, dtype=torch.bool)
+        if null:
+            drop[:] = True
+        elif train and self.config.cond_dropout > 0:
+            drop = _rand((B,), generator, "cpu") < self.config.cond_dropout
+        permute = (_rand((B,), generator, "cpu") < r) if r > 0 else torch.zeros(B, dtype=torch.bool)
+        flats = []
+        for i, ex in enumerate(examples):
+            pieces = [null_piece(p.modality, specs[p.modality]) if (drop[i] and p.role == "cond") else p for p in ex]
+            order = None
+            if permute[i]:
+                order = [random_orders(1, p.length, generator, "cpu")[0]
+                         if p.role == "target" and not p.variable and not p.open else None for p in pieces]
+            flats.append(flatten(pieces, specs, order))
+        return self.collate(flats, pack=pack, null_cond=drop if any(p.role == "cond" for ex in examples for p in ex)
+                            else None)
+
+    def collate(self, flats: list[Flat], pack: int = 0, null_cond: Tensor | None = None) -> Batch:
+        """Shift each flat example by one and pad (or pack) into rows."""
+        parts = []
+        has_values = any(f.values is not None for f in flats)
+        C = next((f.values.shape[-1] for f in flats if f.values is not None), 0)
+        for f in flats:
+            if f.length < 2:
+                raise SeqgenError("an example needs at least two tokens to predict one from the other")
+            d = {"ids": f.ids[:-1], "pos": f.pos[:-1], "modality": f.modality[:-1], "targets": f.ids[1:].clamp(min=0),
+                 "target_modality": f.modality[1:], "loss_mask": f.target[1:], "units": f.units[1:],
+                 "target_pos": f.pos[1:]}
+            if has_values:
+                v = f.values if f.values is not None else torch.zeros(f.length, C)
+                d["values"], d["target_values"] = v[:-1], v[1:]
+            parts.append(d)
+        if pack:
+            from ..examples import pack_rows
+
+            rows = [[parts[i] for i in row] for row in pack_rows([len(p["ids"]) for p in parts], pack)]
+            null_cond = None
+        else:
+            rows = [[p] for p in parts]
+        t = stack_rows(rows, pad={"loss_mask": False})
+        inputs = TokenSequence(ids=t["ids"], values=t.get("values"), pos=t["pos"], modality=t["modality"],
+                               valid=t["valid"], segment=t["doc"] if pack else None)
+        mask = (same_document(t["doc"]) & causal()) if pack else causal()
+        return Batch(inputs=inputs, targets=t["targets"], target_modality=t["target_modality"],
+                     loss_mask=t["loss_mask"] & t["valid"], mask=mask, target_values=t.get("target_values"),
+                     units=t["units"], doc=t["doc"], target_pos=t["target_pos"] if self.needs_target_pos else None,
+                     null_cond=null_cond)
 
     # ------------------------------------------------------------------ sampling
-    @torch.no_grad()
-    def generate(self, model, prompt: TokenSequence, layout: TokenSequence, *,
-                 null_prompt: TokenSequence | None = None, generator: torch.Generator | None = None,
-                 temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
-                 cfg_scale: float = 1.0, cfg_schedule: str = "constant", order: str = "raster",
-                 max_context: int | None = None, progress=None) -> TokenSequence:
-        """Sample the tokens of ``layout`` one at a time after ``prompt``.
-
-        prompt:  (B, P >= 1) condition, start token, or text to continue
-        layout:  (B, n) what to generate: coordinates (local to the layout) and modality; ids ignored
-        order:   raster (layout order) or random (a uniform permutation per row; the model must have
-                 been trained with random orders)
-        max_context: when the prompt plus the output outgrow it, keep the newest half and re-prefill
-        progress: optional callable(step, total) for progress bars
-        Returns the layout with sampled ids, in layout order.
-        """
-        if prompt is None or prompt.length < 1:
-            raise SeqgenError("ar.generate needs a prompt of at least one token (a condition or start token)")
+    def generation_orders(self, plan_targets: list, order: str, generator=None) -> list | None:
+        """Per row and target: a random permutation of a fixed-length target's tokens (order=random)."""
         if order not in ORDERS:
             raise SeqgenError(f"unknown sampling order {order!r}; known: {', '.join(ORDERS)}")
-        if order == "random" and getattr(model, "target_pos", None) is None:
-            raise SeqgenError("random-order sampling needs a model trained with order=random (target positions)")
-        B, P, n = prompt.batch_size, prompt.length, layout.length
-        if layout.batch_size != B:
-            raise SeqgenError(f"layout batch size {layout.batch_size} != prompt batch size {B}")
-        device = prompt.device
-        guided = cfg_scale != 1.0
-        if guided and null_prompt is None:
-            raise SeqgenError("classifier-free guidance (cfg_scale != 1) needs a null prompt")
-        placed = TokenSequence.cat(prompt, layout.replace(ids=torch.zeros_like(layout.modality)))
-        out = placed.slice(P)  # the layout with global coordinates
-        perm = (random_orders(B, n, generator, device) if order == "random"
-                else torch.arange(n, device=device).expand(B, n))
-        seq = out.gather(perm)  # generation order
-        rows = prompt
-        if guided:
-            if null_prompt.length != P or null_prompt.batch_size != B:
-                raise SeqgenError(f"null prompt must have the prompt's shape ({B}, {P}); "
-                                  f"got ({null_prompt.batch_size}, {null_prompt.length})")
-            rows = TokenSequence.batch_cat(prompt, null_prompt)
-        reps = 2 if guided else 1
-        seq_r = seq.repeat(reps)
-        total = P + n
-        ctx = total if max_context is None else min(total, max_context)
-        if rows.length >= ctx:  # a prompt longer than the window: keep its newest half
-            rows = rows.slice(rows.length - max(1, ctx // 2))
-        cache = model.init_cache(B * reps, ctx)
-        history = rows  # tokens fed so far (kept only for re-prefill when the window slides)
-        tp = torch.cat([rows.pos[:, 1:], seq_r.pos[:, :1]], 1)
-        h = model(rows, mask=causal(), cache=cache, target_pos=tp)[:, -1]
-        ids = torch.zeros(B, n, dtype=torch.long, device=device)
-        for t in range(n):
-            head = model.head_for(model.predict_head_index(seq.modality[:, t]))
-            s = cfg_scale_at(cfg_scale, t, n, cfg_schedule)
-            if guided:
-                tok = head.sample(h[:B], h_uncond=h[B:], cfg_scale=s, generator=generator,
-                                  temperature=temperature, top_k=top_k, top_p=top_p)
-            else:
-                tok = head.sample(h, generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
-            ids[:, t] = tok
+        if order == "raster":
+            return None
+        return [[random_orders(1, len(t.pos), generator, "cpu")[0] if not (t.variable or t.open) else None
+                 for t in row] for row in plan_targets]
+
+    @torch.no_grad()
+    def fill(self, model, plan: Plan, cache, h: Tensor, *, specs: list[DomainSpec],
+             generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int | None = None,
+             top_p: float | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
+             max_context: int | None = None, progress=None) -> Plan:
+        """One token per step: every row samples its current slot (or feeds the forced BEGIN / END id),
+        a variable-length segment ends when END is drawn, and the token goes into the cache."""
+        dev = h.device
+        R = plan.rows
+        B = R // 2 if plan.guided else R
+        pos, mod, kind = plan.slot_pos.to(dev).clone(), plan.slot_mod.to(dev), plan.slot_kind.to(dev)
+        forced, var, end_slot = plan.slot_forced.to(dev), plan.slot_var.to(dev), plan.end_slot.to(dev)
+        n_slots = plan.n_slots.to(dev)
+        S = pos.shape[1]
+        out_ids = torch.zeros(R, S, dtype=torch.long, device=dev)
+        filled = torch.zeros(R, S, dtype=torch.bool, device=dev)
+        cont = [k for k, s in enumerate(specs) if s.vocab_size is None]
+        C = specs[cont[0]].value_dim if cont else 0
+        out_values = torch.zeros(R, S, C, device=dev) if cont else None
+        end_of = torch.tensor([s.end_id for s in specs], device=dev)
+        ptr = torch.zeros(R, dtype=torch.long, device=dev)
+        rows = torch.arange(R, device=dev)
+        history = plan.prompt.to(dev) if max_context else None
+        total, done = int(plan.n_slots[:B].max()), 0
+        while True:
+            active = ptr < n_slots
+            p = ptr.clamp(max=S - 1)
+            k_now, m_now, f_now = kind[rows, p], mod[rows, p], forced[rows, p]
+            tok = f_now.clone()
+            vals = torch.zeros(R, C, device=dev) if cont else None
+            need = active & (f_now < 0)
+            ended = torch.zeros(R, dtype=torch.bool, device=dev)
+            idx = need[:B].nonzero().squeeze(1)
+            if idx.numel():
+                for k in mod[idx, p[idx]].unique().tolist():
+                    rk = idx[mod[idx, p[idx]] == k]
+                    head = model.head_for(k)
+                    s = cfg_scale if cfg_schedule == "constant" else cfg_scale_at(
+                        cfg_scale, *self._progress_in_segment(plan, int(rk[0]), int(p[rk[0]])), cfg_schedule)
+                    knobs = dict(generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
+                    if specs[k].vocab_size is not None:
+                        allowed = torch.ones(len(rk), specs[k].head_size, dtype=torch.bool, device=dev)
+                        allowed[:, specs[k].end_id] = var[rk, p[rk]]
+                        knobs["allowed"] = allowed
+                    if plan.guided:
+                        t = head.sample(h[rk], h_uncond=h[rk + B], cfg_scale=s, **knobs)
+                    else:
+                        t = head.sample(h[rk], **knobs)
+                    both = torch.cat([rk, rk + B]) if plan.guided else rk
+                    if specs[k].vocab_size is None:
+                        vals[both] = (t.repeat(2, 1) if plan.guided else t).to(vals.dtype)
+                        tok[both] = -1
+                    else:
+                        tok[both] = t.repeat(2) if plan.guided else t
+            sampled_end = need & var[rows, p] & (tok == end_of[m_now])
+            ended = ended | sampled_end
+            write = active & (k_now == DATA) & ~sampled_end
+            out_ids[rows[active], p[active]] = tok[active]
+            filled[rows, p] = filled[rows, p] | write
+            if cont:
+                out_values[rows[active], p[active]] = vals[active]
+            feed_pos = pos[rows, p]
+            if bool(ended.any()):  # END drawn early: it takes this slot's place; later slots move up
+                e = end_slot[rows, p]
+                for r in ended.nonzero().squeeze(1).tolist():
+                    gap = pos[r, e[r]] - pos[r, p[r]]
+                    pos[r, e[r]:] -= gap
+            new_ptr = torch.where(ended, end_slot[rows, p] + 1, ptr + 1)
+            ptr = torch.where(active, new_ptr, ptr)
+            done += 1
             if progress is not None:
-                progress(t + 1, n)
-            if t == n - 1:
+                progress(min(done, total), total)
+            if not bool((ptr < n_slots).any()):
                 break
-            step = seq_r.slice(t, t + 1).replace(ids=tok.repeat(reps).unsqueeze(1))
-            step_tp = seq_r.pos[:, t + 1:t + 2]
-            if cache.length + 1 > ctx:  # slide the window: keep the newest half, prefill again
-                keep = max(1, ctx // 2)
+            nxt = ptr.clamp(max=S - 1)
+            tp = pos[rows, nxt].unsqueeze(1)
+            step = TokenSequence(ids=tok.clamp(min=-1).unsqueeze(1), values=None if vals is None else vals.unsqueeze(1),
+                                 pos=feed_pos.unsqueeze(1), modality=m_now.unsqueeze(1),
+                                 valid=torch.ones(R, 1, dtype=torch.bool, device=dev))
+            if history is not None:
                 history = TokenSequence.cat(history, step, shift_positions=False)
+            if cache.length + 1 > cache.max_len:  # slide the window: keep the newest half, prefill again
+                keep = max(1, cache.max_len // 2)
                 recent = history.slice(history.length - keep)
-                cache = model.init_cache(B * reps, ctx)
-                tp_r = torch.cat([recent.pos[:, 1:], step_tp], 1)
-                h = model(recent, mask=causal(), cache=cache, target_pos=tp_r)[:, -1]
+                cache = model.init_cache(R, cache.max_len)
+                h = model(recent, mask=causal(), cache=cache, target_pos=torch.cat([recent.pos[:, 1:], tp], 1))[:, -1]
                 continue
-            if max_context is not None:
-                history = TokenSequence.cat(history, step, shift_positions=False)
-            h = model(step, mask=causal(), cache=cache, target_pos=step_tp, padded=False)[:, -1]
-        # back to layout order
-        inv = perm.argsort(dim=1)
-        return layout.replace(ids=torch.gather(ids, 1, inv))
+            h = model(step, mask=causal(), cache=cache, target_pos=tp, padded=False)[:, -1]
+        plan.out_ids, plan.filled, plan.out_values = out_ids, filled, out_values
+        return plan
+
+    @staticmethod
+    def _progress_in_segment(plan: Plan, r: int, p: int) -> tuple[int, int]:
+        """(step, steps) of row r's current segment, for guidance schedules."""
+        j = int(plan.slot_target[r, p])
+        n = len(plan.targets[r % len(plan.targets)][j].pos)
+        first = int((plan.slot_target[r] == j).nonzero()[0])
+        if int(plan.slot_kind[r, first]) != DATA:
+            first += 1
+        return max(0, p - first), n

@@ -1,0 +1,183 @@
+"""Examples as lists of segments, and how they become flat token rows.
+
+An *example* is an ordered list of segments; a segment is ``(domain, raw item, role)``, role =
+``cond`` (context, no loss) or ``target`` (loss; generated at sampling time).  A *recipe* says which
+record fields become which segments (``caption -> scene``, ``scene -> caption``, ``label -> image``,
+a text stream ...).  Once encoded, a segment is a ``Piece``: its tokens with local coordinates.
+
+Flattening (``flatten``) wraps every piece in the begin / end ids of its domain and moves its
+coordinates past the earlier pieces' (the M-RoPE rule), so an example is one token list:
+
+    [BEGIN_label  7  END_label  BEGIN_image  p0 p1 ... p63  END_image]
+
+Per token it records the domain (``modality``), whether the token is a prediction target, and the raw
+units it stands for.  Targets are the tokens of target pieces, plus the END of a variable-length
+target (so a caption learns to end itself); BEGIN ids are never targets (the generator places
+them).  A piece cut from a long stream (``open``) has no begin / end ids: it is a window of text.
+
+``collate`` turns flat examples into a padded batch, or packs several examples per row (``pack``)
+with a per-token document index for the ``same_document`` mask; coordinates restart per example, so
+packing does not change any example's loss (tested).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+from torch import Tensor
+
+from .types import NUM_AXES, DomainSpec, SeqgenError
+
+ROLES = ("cond", "target")
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One part of an example before encoding."""
+
+    domain: str  # a key of the run's `domains:` table
+    raw: Any  # one item in that adapter's raw form (None for a target to generate)
+    role: Literal["cond", "target"]
+
+
+Example = list  # list[Segment]
+
+
+@dataclass
+class Piece:
+    """One encoded segment of one example.
+
+    modality: index of the domain in the run's domain list
+    ids:      (L,) long (-1 at value tokens of a continuous domain), values (L, C) or None
+    pos:      (L, 3) long local coordinates
+    units:    (L,) float raw units per token
+    """
+
+    modality: int
+    ids: Tensor
+    pos: Tensor
+    units: Tensor
+    role: str = "target"
+    values: Tensor | None = None
+    open: bool = False  # a window of a stream: no begin / end ids
+    variable: bool = False  # the segment ends itself: its END id is predicted
+    null: bool = False  # the null condition (classifier-free guidance)
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def null_piece(modality: int, spec: DomainSpec) -> Piece:
+    """The null condition of a domain: one NULL token (its own length: nothing of the real condition,
+    not even its length, shows in the null row)."""
+    return Piece(modality, torch.tensor([spec.null_id]), torch.zeros(1, NUM_AXES, dtype=torch.long),
+                 torch.zeros(1), role="cond", null=True)
+
+
+@dataclass
+class Flat:
+    """One example as a flat token list (T tokens)."""
+
+    ids: Tensor  # (T,) long
+    pos: Tensor  # (T, 3) long
+    modality: Tensor  # (T,) long
+    target: Tensor  # (T,) bool: this token is predicted (from the token before it)
+    units: Tensor  # (T,) float
+    piece: Tensor  # (T,) long: index of the piece the token belongs to
+    values: Tensor | None = None  # (T, C) float or None
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return int(self.ids.shape[0])
+
+
+def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | None] | None = None) -> Flat:
+    """Wrap each piece in its domain's begin / end ids and lay the pieces out one after another.
+
+    order: per piece, an optional permutation of its tokens (random-order AR); coordinates stay the
+    tokens' true ones.
+    """
+    ids, pos, mod, tgt, units, pidx, vals = [], [], [], [], [], [], []
+    C = {p.values.shape[-1] for p in pieces if p.values is not None}
+    if len(C) > 1:
+        raise SeqgenError(f"continuous segments of one example must share a width; got {sorted(C)}")
+    C = C.pop() if C else None
+    offset = 0
+    for j, p in enumerate(pieces):
+        spec = specs[p.modality]
+        pid, ppos, punits, pval = p.ids, p.pos, p.units, p.values
+        if order is not None and order[j] is not None:
+            o = order[j]
+            pid, ppos, punits = pid[o], ppos[o], punits[o]
+            pval = None if pval is None else pval[o]
+        n = len(pid)
+        is_target = p.role == "target"
+        if p.open:
+            local = ppos + offset
+            parts = [(pid, local, torch.full((n,), is_target), punits, pval)]
+            nxt = int(local.max()) + 1 if n else offset
+        else:
+            local = ppos + offset + 1
+            top = int(local.max()) if n else offset
+            begin = torch.full((1, NUM_AXES), offset, dtype=torch.long)
+            end = torch.full((1, NUM_AXES), top + 1, dtype=torch.long)
+            parts = [(torch.tensor([spec.begin_id]), begin, torch.zeros(1, dtype=torch.bool), torch.zeros(1), None),
+                     (pid, local, torch.full((n,), is_target), punits, pval),
+                     (torch.tensor([spec.end_id]), end, torch.tensor([is_target and p.variable]), torch.zeros(1), None)]
+            nxt = top + 2
+        for a, b, c, d, v in parts:
+            ids.append(a.long())
+            pos.append(b)
+            tgt.append(c)
+            units.append(d.float())
+            mod.append(torch.full((len(a),), p.modality, dtype=torch.long))
+            pidx.append(torch.full((len(a),), j, dtype=torch.long))
+            if C is not None:
+                vals.append(v.float() if v is not None else torch.zeros(len(a), C))
+        offset = nxt
+    return Flat(ids=torch.cat(ids), pos=torch.cat(pos), modality=torch.cat(mod), target=torch.cat(tgt),
+                units=torch.cat(units), piece=torch.cat(pidx), values=torch.cat(vals) if C is not None else None)
+
+
+def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
+    """First-fit decreasing: group example indices into rows of at most ``row_length`` tokens."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in order:
+        if lengths[i] > row_length:
+            raise SeqgenError(f"an example of {lengths[i]} tokens does not fit a packed row of {row_length}; "
+                              "raise train.pack")
+        for r, left in enumerate(room):
+            if lengths[i] <= left:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(row_length - lengths[i])
+    return [sorted(r) for r in rows]
+
+
+def stack_rows(parts: list[list[dict[str, Tensor]]], pad: dict[str, Any]) -> dict[str, Tensor]:
+    """Rows of concatenated per-example field dicts -> padded (B, L, ...) tensors plus ``valid`` and
+    ``doc`` (index of the example inside its row; -1 on padding)."""
+    L = max(sum(int(next(iter(p.values())).shape[0]) for p in row) for row in parts)
+    out: dict[str, list[Tensor]] = {k: [] for k in parts[0][0]}
+    valid, doc = [], []
+    for row in parts:
+        n = sum(int(next(iter(p.values())).shape[0]) for p in row)
+        for k in out:
+            t = torch.cat([p[k] for p in row])
+            fill = torch.full((L - n, *t.shape[1:]), pad.get(k, 0), dtype=t.dtype)
+            out[k].append(torch.cat([t, fill]))
+        valid.append(torch.arange(L) < n)
+        doc.append(torch.cat([torch.full((int(next(iter(p.values())).shape[0]),), d, dtype=torch.long)
+                              for d, p in enumerate(row)] + [torch.full((L - n,), -1, dtype=torch.long)]))
+    res = {k: torch.stack(v) for k, v in out.items()}
+    res["valid"] = torch.stack(valid)
+    res["doc"] = torch.stack(doc)
+    return res

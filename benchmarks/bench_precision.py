@@ -13,6 +13,7 @@ native bf16 (avx2, avx512f, avx512_bf16, amx_bf16) and resolve_precision("auto",
 from __future__ import annotations
 
 import argparse
+import copy
 import os
 import statistics
 import sys
@@ -48,22 +49,20 @@ def main() -> None:
     tcfg = RunConfig.from_dict(base).train
 
     variants = {}
-    task = None
-    for precision in ("32-true", "bf16-mixed"):
-        for impl in ("sdpa", "math"):
-            d = {**base, "backbone": {**base["backbone"], "attn_impl": impl}}
-            cfg = RunConfig.from_dict(d)
-            torch.manual_seed(cfg.seed)
-            if task is None:
-                task = build_task(cfg)
-                model = task.model
-            else:  # same data and model shape: only the backbone's attention differs
-                model = build_task_model(task, cfg)
+    for impl in ("sdpa", "math"):
+        # through the public task API only (the trainer's path): same seed, so the same initial weights
+        cfg = RunConfig.from_dict({**base, "backbone": {**base["backbone"], "attn_impl": impl}})
+        torch.manual_seed(cfg.seed)
+        task = build_task(cfg)
+        for precision in ("32-true", "bf16-mixed"):
+            model = copy.deepcopy(task.model)
             opt = torch.optim.AdamW(param_groups(model, tcfg.weight_decay), lr=tcfg.lr)
             variants[(precision, impl)] = (Objective(model), model, opt)
+    variants = {k: variants[k] for k in sorted(variants, key=lambda k: (k[0] != "32-true", k[1] != "sdpa"))}
     sampler = task.train_sampler(tcfg.batch_size, 0)
     g = torch.Generator().manual_seed(0)
     batches = [task.make_batch(sampler.next(), generator=g) for _ in range(4)]
+    tokens = task.count_tokens(batches[0])
 
     def step(key, i):
         objective, model, opt = variants[key]
@@ -91,14 +90,14 @@ def main() -> None:
     for (precision, impl), ts in times.items():
         med = statistics.median(ts)
         rows.append({"precision": precision, "attn_impl": impl, "s_per_step": med, "best_s": min(ts),
-                     "vs_32_sdpa": fp32_best / med, "tokens_per_s": tcfg.batch_size * task.context / med})
+                     "vs_32_sdpa": fp32_best / med, "tokens_per_s": tokens / med})
     flags = cpu_flags()
     cpu = {f: f in flags for f in FLAGS}
     print(f"torch {torch.__version__}, capability {cpu_capability()}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}; CPU flags: "
           + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
     print(f"shakespeare_bytes model ({sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters), "
-          f"batch {tcfg.batch_size} x context {task.context}")
+          f"batch {tcfg.batch_size}, {tokens} tokens a step")
     print_table(rows, ["precision", "attn_impl", "s_per_step", "best_s", "vs_32_sdpa", "tokens_per_s"])
     print(f'resolve_precision("auto", "cpu") -> {auto} ({reason})')
     write_json(args.out, "precision_cpu", device, rows, {
@@ -106,12 +105,6 @@ def main() -> None:
         "threads": torch.get_num_threads(), "load_average_1min": os.getloadavg()[0],
         "auto": {"precision": auto, "reason": reason, "SEQGEN_CPU_BF16": os.environ.get("SEQGEN_CPU_BF16")},
         "rounds": args.rounds, "steps_per_round": args.steps, "wall_s": time.time() - t_start})
-
-
-def build_task_model(task, cfg: RunConfig):
-    from seqgen.task import build_model
-
-    return build_model(cfg, task.specs, task.paradigm, task._max_coordinate() + 1)
 
 
 if __name__ == "__main__":

@@ -195,6 +195,10 @@ def sample_scores(task, entry, n: int, device, cfg_scale: float, amp: dict, take
     (k,) = entry.target
     conds = [{c: sub[entry.field_of(c)][i] for c in entry.cond} for i in range(n)] if entry.cond else None
     out: dict = {}
+    try:  # a source scores some fields only (a labelled image set: images, not the labels of an image -> label entry)
+        entry.source.score(entry.field_of(k), sub, list(sub[entry.field_of(k)]))
+    except SeqgenError as err:
+        return {"sample_scores": f"not scored: {err}"}
     if hasattr(entry.source, "reference_scores"):
         out["reference"] = entry.source.reference_scores(entry.field_of(k))
     settings = [("temperature_1", 1.0)] + ([("guided", cfg_scale)] if entry.cond else [])

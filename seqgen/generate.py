@@ -86,11 +86,19 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
         raise SeqgenError(f"{B} rows of conditions but {len(targets)} rows of targets")
     rows = list(range(B))
     variants = [(b, False) for b in rows] + ([(b, True) for b in rows] if guided else [])
+    # a model with a continuous domain reads values: the prompt carries them (zeros at id tokens)
+    C = next((s.value_dim for s in specs if s.value_dim is not None), None)
+
+    def wrapped_values(p: Piece, n: int) -> Tensor:
+        v = torch.zeros(n, C)
+        if p.values is not None:
+            v[0 if p.open else 1:][:p.length] = p.values.float()
+        return v
     prompts, slots = [], []
     for b, is_null in variants:
         if not targets[b]:
             raise SeqgenError("nothing to generate: a row has no target segment")
-        ids, pos, prompts_mod, offset = [], [], [], 0
+        ids, pos, prompts_mod, vals, offset = [], [], [], [], 0
         for p in conds[b]:
             if is_null and p.role == "cond":
                 p = null_piece(p.modality, specs[p.modality])
@@ -98,6 +106,8 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
             ids += i
             pos.append(q)
             prompts_mod += [p.modality] * len(i)
+            if C is not None:
+                vals.append(wrapped_values(p, len(i)))
         row_slots = []  # (pos, mod, kind, forced, target, index, var, end_slot)
         for j, t in enumerate(targets[b]):
             spec = specs[t.modality]
@@ -112,6 +122,8 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
                     ids += i
                     pos.append(q)
                     prompts_mod += [t.modality] * len(i)
+                    if C is not None:
+                        vals.append(wrapped_values(t.prefix, len(i)))
                 for k in range(len(local)):
                     row_slots.append((local[k] + offset, t.modality, DATA, -1, j, int(index[k]), False, -1))
                 continue
@@ -120,6 +132,8 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
                 ids.append(spec.begin_id)
                 pos.append(begin_pos.view(1, -1))
                 prompts_mod.append(t.modality)
+                if C is not None:
+                    vals.append(torch.zeros(1, C))
             else:
                 row_slots.append((begin_pos, t.modality, BEGIN, spec.begin_id, j, -1, False, -1))
             g = local + offset + 1
@@ -131,7 +145,8 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
             offset = top + 2
         if not ids:
             raise SeqgenError("generation needs a prompt: a condition, a begin id or text to continue")
-        prompts.append((torch.tensor(ids), torch.cat(pos).long(), torch.tensor(prompts_mod)))
+        prompts.append((torch.tensor(ids), torch.cat(pos).long(), torch.tensor(prompts_mod),
+                        torch.cat(vals) if C is not None else None))
         slots.append(row_slots)
     R = len(variants)
     P = max(len(p[0]) for p in prompts)
@@ -140,9 +155,12 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
     p_pos = torch.zeros(R, P, NUM_AXES, dtype=torch.long)
     p_mod = torch.zeros(R, P, dtype=torch.long)
     p_valid = torch.zeros(R, P, dtype=torch.bool)
-    for r, (i, q, m) in enumerate(prompts):  # left padding: every row's next token is at column P
+    p_vals = torch.zeros(R, P, C) if C is not None else None
+    for r, (i, q, m, v) in enumerate(prompts):  # left padding: every row's next token is at column P
         n = len(i)
         p_ids[r, P - n:], p_pos[r, P - n:], p_mod[r, P - n:], p_valid[r, P - n:] = i, q, m, True
+        if v is not None:
+            p_vals[r, P - n:] = v
         if n < P:
             p_pos[r, :P - n] = q[0]
     fields = [torch.zeros(R, S, NUM_AXES, dtype=torch.long)] + [torch.zeros(R, S, dtype=torch.long) for _ in range(5)]
@@ -161,7 +179,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
             fields[2][r, len(row):] = END
     first = fields[0][:, :1]
     tp = torch.cat([p_pos[:, 1:], first], 1)
-    prompt = TokenSequence(ids=p_ids, values=None, pos=p_pos, modality=p_mod, valid=p_valid)
+    prompt = TokenSequence(ids=p_ids, values=p_vals, pos=p_pos, modality=p_mod, valid=p_valid)
     return Plan(prompt=prompt, prompt_target_pos=tp, slot_pos=fields[0], slot_mod=fields[1], slot_kind=fields[2],
                 slot_forced=fields[3], slot_target=fields[4], slot_index=fields[5], slot_var=var, end_slot=end_slot,
                 n_slots=n_slots, targets=targets, guided=guided)

@@ -111,12 +111,55 @@ def cpu_bf16_native() -> tuple[bool, str]:
     return True, f"CPU has native bf16 ({'+'.join(hw)}, PyTorch capability {capability})"
 
 
+def _probe_cache() -> "Path":
+    from pathlib import Path
+
+    return Path(os.environ.get("SEQGEN_CACHE", Path.home() / ".cache" / "seqgen")).expanduser() / "cpu_bf16_probe.json"
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @lru_cache(maxsize=None)
 def measure_cpu_bf16(m: int = 1024, k: int = 768, n: int = 768, reps: int = 3) -> tuple[float, float]:
     """Seconds of ``x @ w`` and its backward under bf16 autocast and in float32: (bf16, float32).
 
-    One warm-up each, then ``reps`` of each, interleaved, best of each kept (so that a burst of load
-    from other processes does not decide it).  A fraction of a second; measured once per process."""
+    One warm-up each, then ``reps`` of each, interleaved, best of each kept.  Measured once per machine:
+    the result is kept in ``~/.cache/seqgen/cpu_bf16_probe.json`` (``$SEQGEN_CACHE``), keyed by the CPU
+    model and torch version, so that later runs -- and the ranks of a CPU DDP run -- decide the same way
+    whatever the load on the machine is at the time."""
+    import json
+
+    key = f"{_cpu_model()} | torch {torch.__version__} | {m}x{k}x{n}"
+    path = _probe_cache()
+    try:
+        cached = json.loads(path.read_text()).get(key)
+        if cached:
+            return float(cached[0]), float(cached[1])
+    except (OSError, ValueError, AttributeError):
+        cached = None
+    result = _measure(m, k, n, reps)
+    try:
+        known = json.loads(path.read_text()) if path.exists() else {}
+        known[key] = list(result)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(known, indent=1))
+        os.replace(tmp, path)
+    except (OSError, ValueError):
+        pass
+    return result
+
+
+def _measure(m: int, k: int, n: int, reps: int) -> tuple[float, float]:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(m, k, generator=g).requires_grad_()
     w = torch.randn(k, n, generator=g).requires_grad_()

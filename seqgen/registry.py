@@ -137,6 +137,11 @@ TOKENIZERS = Registry("tokenizer", "seqgen.tokenizers", {
     "fsq": "seqgen.domains.tokenizers.fsq:FSQTokenizer",
 })
 
+TASK_KINDS = Registry("task", "seqgen.tasks", {
+    "generative": "seqgen.task:GenerativeTask",
+    "tokenizer": "seqgen.domains.tokenizers:TokenizerTask",
+})
+
 REGISTRIES = {"domains": DOMAINS, "backbones": BACKBONES, "heads": HEADS, "paradigms": PARADIGMS,
               "datasets": DATASETS, "tokenizers": TOKENIZERS}
 

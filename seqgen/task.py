@@ -173,13 +173,18 @@ class GenerativeTask:
         for k, a in self.adapters.items():
             if not hasattr(a, "fit"):
                 continue
-            items = []
+            items, arrays = [], []  # list columns (their items), array columns (N, ...) whole
             for e in self.entries:
                 if k in e.cond + e.target:
                     col = e.records["train"][e.field_of(k)]
-                    items += list(col) if not isinstance(col, np.ndarray) else [col]
-            if items and all(isinstance(x, np.ndarray) for x in items):
-                items = np.concatenate(items)
+                    if isinstance(col, np.ndarray):
+                        arrays.append(col)
+                    else:
+                        items.extend(col)
+            if arrays and not items:
+                items = np.concatenate(arrays)
+            else:
+                items += [x for arr in arrays for x in arr]
             a.fit(items, self.run_dir)
             if getattr(a, "spec", None) is None:
                 raise SeqgenError(f"domain {k!r}: the adapter has no spec after fit()")
@@ -618,11 +623,10 @@ def _stack_padded(parts: list[TokenSequence], L: int) -> TokenSequence:
 
 
 def build_task(cfg: RunConfig, run_dir: str | Path | None = None):
-    if cfg.task == "tokenizer":
-        from .domains.tokenizers import TokenizerTask
+    """The task object of a run, found by its ``task:`` name in the registry."""
+    from .registry import TASK_KINDS
 
-        return TokenizerTask(cfg, run_dir)
-    return GenerativeTask(cfg, run_dir)
+    return TASK_KINDS.get(cfg.task)(cfg, run_dir)
 
 
 def load_run(run_dir: str | Path, device: str | torch.device = "cpu", ema: bool = True, best: bool = True):

@@ -1,6 +1,7 @@
 """The training loop, on Lightning Fabric.
 
-Fabric owns devices, precision (``32-true`` on CPU, ``bf16-mixed`` on GPU by default) and strategy
+Fabric owns devices, precision (``auto``: ``bf16-mixed`` on GPU; on CPU only where bf16 is native and
+faster, else ``32-true``: ``seqgen.precision``) and strategy
 (single device, DDP, FSDP).  The loop adds: gradient accumulation, AdamW with linear warmup and cosine
 decay, gradient clipping, an optional EMA of the weights, periodic held-out evaluation, a progress bar,
 CSV logs (and TensorBoard when installed), and atomic checkpoints.
@@ -140,6 +141,9 @@ def make_fabric(cfg: RunConfig):
     from .precision import resolve_precision
 
     precision, reason = resolve_precision(t.precision, accelerator)
+    if t.precision == "auto" and accelerator == "cpu":
+        # processes launched from here (CPU DDP) inherit the decision instead of probing on their own
+        os.environ.setdefault("SEQGEN_CPU_BF16", "1" if "bf16" in precision else "0")
     log.info("precision: %s (%s)", precision, reason)
     fabric = Fabric(accelerator=accelerator, devices=t.devices, strategy=t.strategy, precision=precision,
                     num_nodes=t.num_nodes)

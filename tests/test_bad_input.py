@@ -14,6 +14,7 @@ from seqgen.task import load_run
 from seqgen.train import train
 from seqgen.types import DomainSpec, SeqgenError, TokenSequence, line_positions
 from seqgen.masks import causal
+from seqgen.model import SeqModel
 
 from conftest import tiny_digits_config
 
@@ -44,6 +45,100 @@ def test_ids_outside_the_vocabulary():
     bad_mod = TokenSequence.from_ids(torch.tensor([[1]]), modality=2)
     with pytest.raises(SeqgenError, match="modality index out of range"):
         bad_mod.validate(specs)
+
+
+def test_embed_refuses_ids_outside_a_domain_table():
+    specs = [DomainSpec("label", vocab_size=10), DomainSpec("image", vocab_size=17, pos_axes=2)]
+    model = SeqModel(specs, BACKBONES.build("transformer", {"dim": 16, "layers": 1, "heads": 2}), {})
+    ok = TokenSequence.cat(TokenSequence.from_ids(torch.tensor([[13, 3, 10]])),  # BEGIN 3 END of label
+                           TokenSequence.from_ids(torch.tensor([[20, 16, 17]]), modality=1))  # BEGIN 16 END of image
+    assert model.embed(ok).shape == (1, 6, 16)
+    for bad_ids, mod, rng in (([[21]], 1, r"\[0, 21\]"), ([[14]], 0, r"\[0, 14\]"), ([[-1]], 0, r"\[-1, 13\]")):
+        seq = TokenSequence.cat(ok, TokenSequence.from_ids(torch.tensor(bad_ids), modality=mod))
+        name = specs[mod].name
+        with pytest.raises(SeqgenError, match=rf"ids outside the table of domain '{name}': got {rng}, expected "
+                                              rf"0 <= id < {specs[mod].table_size}"):
+            model.embed(seq)
+    # the largest id of a domain is checked against its own table, not against the biggest table
+    seq = TokenSequence.cat(ok, TokenSequence.from_ids(torch.tensor([[16]]), modality=0))
+    with pytest.raises(SeqgenError, match="domain 'label'"):
+        model.embed(seq)
+
+
+def test_image_file_of_the_wrong_size_or_format(tmp_path):
+    from PIL import Image
+
+    from seqgen.domains.image import ImageDomain
+
+    dom = ImageDomain(ImageDomain.Config(height=8, width=8))
+    Image.fromarray(np.zeros((6, 8), np.uint8)).save(tmp_path / "small.png")  # 6 rows, 8 columns
+    with pytest.raises(SeqgenError, match=r"small.png is 8x6 \(width x height\); this model reads 8x8 images"):
+        dom.read_file(tmp_path / "small.png")
+    (tmp_path / "fake.png").write_bytes(b"not an image")
+    with pytest.raises(SeqgenError, match="cannot read .*fake.png"):
+        dom.read_file(tmp_path / "fake.png")
+    with pytest.raises(SeqgenError, match="cannot read .*missing.png"):
+        dom.read_file(tmp_path / "missing.png")
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "ok.png")
+    assert dom.read_file(tmp_path / "ok.png").shape == (8, 8)
+
+
+# ---------------------------------------------------------------- mixtures
+def test_mixture_entries_are_checked():
+    with pytest.raises(SeqgenError, match=r"mixture\[0\] names domain 'caption', which is not in domains: "
+                                          r"\['image', 'label'\]"):
+        RunConfig.from_dict(tiny_digits_config(mixture=[{"source": "digits", "cond": ["caption"],
+                                                         "target": ["image"]}]))
+    with pytest.raises(SeqgenError, match=r"mixture\[0\]: a domain cannot be both condition and target: \['image'\]"):
+        RunConfig.from_dict(tiny_digits_config(mixture=[{"source": "digits", "cond": ["image", "label"],
+                                                         "target": ["image"]}]))
+    with pytest.raises(SeqgenError, match=r"mixture\[0\]: stream: true needs exactly one target domain and no "
+                                          r"condition"):
+        RunConfig.from_dict(tiny_digits_config(mixture=[{"source": "digits", "cond": ["label"], "target": ["image"],
+                                                         "stream": True}]))
+    with pytest.raises(SeqgenError, match=r"mixture\[0\].fields maps domains of this entry"):
+        RunConfig.from_dict(tiny_digits_config(mixture=[{"source": "digits", "target": ["image"],
+                                                         "fields": {"label": "label"}}]))
+
+
+def test_a_field_the_source_lacks_is_named(tmp_path):
+    from seqgen.task import GenerativeTask
+
+    cfg = RunConfig.from_dict(tiny_digits_config(mixture=[{"name": "l2i", "source": {"name": "digits"},
+                                                           "cond": ["label"], "target": ["image"],
+                                                           "fields": {"image": "picture"}}]))
+    with pytest.raises(SeqgenError, match=r"mixture entry 'l2i': domain 'image' reads field 'picture', but 'digits' "
+                                          r"records have \['image', 'label'\] \(map it with fields:\)"):
+        GenerativeTask(cfg)
+    # a stream entry over a domain that cannot stream
+    cfg = RunConfig.from_dict(tiny_digits_config(mixture=[{"name": "s", "source": "digits", "target": ["image"],
+                                                           "stream": True}]))
+    with pytest.raises(SeqgenError, match="stream: true needs a domain adapter with encode_stream"):
+        GenerativeTask(cfg)
+
+
+def test_generate_refuses_wrong_conditions():
+    from seqgen.task import GenerativeTask
+
+    task = GenerativeTask(RunConfig.from_dict(tiny_digits_config(mixture=[
+        {"name": "l2i", "source": {"name": "digits"}, "cond": ["label"], "target": ["image"]},
+        {"name": "i", "source": {"name": "digits"}, "target": ["image"]}])))
+    with pytest.raises(SeqgenError, match=r"entry 'l2i' is conditioned on \['label'\]: give conds="):
+        task.generate(entry="l2i", n=2)
+    with pytest.raises(SeqgenError, match=r"entry 'l2i' takes conditions \['label'\]; got \['image'\]"):
+        task.generate(entry="l2i", conds=[{"image": np.zeros((8, 8))}])
+    with pytest.raises(SeqgenError, match="labels outside 0..9: got 12..12"):
+        task.generate(entry="l2i", conds=[{"label": 12}])
+    with pytest.raises(SeqgenError, match="guidance needs a condition; entry 'i' has none"):
+        task.generate(entry="i", n=1, cfg_scale=2.0)
+    with pytest.raises(SeqgenError, match="no mixture entry 'x'; entries: l2i, i"):
+        task.generate(entry="x", n=1)
+    with pytest.raises(SeqgenError, match="unknown split 'test'"):
+        task.evaluate_nll(split="test")
+    with pytest.raises(SeqgenError, match="no validation split"):
+        task.evaluate_nll(split="val")
+    with pytest.raises(SeqgenError, match="has none"):  # no stream entry: nothing for dynamic evaluation
+        task.evaluate_dynamic()
 
 
 # ---------------------------------------------------------------- data files
@@ -90,6 +185,12 @@ def test_cli_reports_errors_without_a_traceback(tmp_path, capsys):
     assert "unknown backbone 'lstm'; known backbones: transformer" in err and "Traceback" not in err
     assert main(["sample", str(tmp_path / "nothing")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+    old = {k: v for k, v in tiny_digits_config().items() if k not in ("domains", "heads", "mixture")}
+    path.write_text(yaml.safe_dump({**old, "condition": "class", "data": {"name": "digits"},
+                                    "domain": {"name": "image"}}))
+    assert main(["train", str(path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "single-domain format" in err and "domains:" in err and "mixture:" in err and "Traceback" not in err
 
 
 # ---------------------------------------------------------------- checkpoints

@@ -119,7 +119,7 @@ def tokenizer_config(steps=80, **train):
         "tokenizer": {"name": "fsq", **vars(FSQTokenizer.Config.tiny())},
         "train": {"steps": steps, "batch_size": 32, "lr": 3e-3, "warmup_steps": 5, "weight_decay": 0.0,
                   "eval_every": 0, "log_every": 10, "ckpt_every": 1000, "ema": 0.9, "accelerator": "cpu",
-                  **train},
+                  "precision": "32-true", **train},  # float32 everywhere: evaluations of the same weights agree
     })
 
 
@@ -163,15 +163,27 @@ def test_load_tokenizer_and_the_image_domain(trained):
     assert seq.ids.shape == (300, 16) and int(seq.ids.max()) < 125
     assert torch.equal(seq.ids.view(300, 4, 4), tk.encode(torch.from_numpy(x).unsqueeze(-1)))  # raster order
     y = dom.decode(seq)
+    assert isinstance(y, list) and len(y) == 300
+    y = np.stack(y)
     assert y.shape == (300, 8, 8) and y.min() >= 0 and y.max() <= 1
     # the trainer's final evaluation used the same (EMA) weights
     assert float(((y - x) ** 2).mean()) == pytest.approx(summary["recon_mse"], rel=1e-4)
-    with pytest.raises(SeqgenError, match="trained on 8x8x1"):
-        ImageDomain(ImageDomain.Config(height=16, width=16, tokenizer=str(run_dir)))
+    with pytest.raises(SeqgenError, match="trained on 8x8x1 images; the domain is 12x16x1"):
+        ImageDomain(ImageDomain.Config(height=12, width=16, tokenizer=str(run_dir)))
+    # a domain of tokenizer-sized tiles: codes of each 8x8 tile side by side (8x16 -> a 4x8 code grid)
+    wide = ImageDomain(ImageDomain.Config(height=8, width=16, tokenizer=str(run_dir)))
+    assert wide.grid == (4, 8) and wide.length == 32
+    pair = np.concatenate([x[:5], x[5:10]], axis=2)  # (5, 8, 16)
+    grid = wide.encode(pair).ids.view(5, 4, 8)
+    assert torch.equal(grid[:, :, :4], seq.ids[:5].view(5, 4, 4))
+    assert torch.equal(grid[:, :, 4:], seq.ids[5:10].view(5, 4, 4))
+    np.testing.assert_allclose(np.stack(wide.decode(wide.encode(pair))), np.concatenate([y[:5], y[5:10]], axis=2),
+                               atol=1e-6)
 
 
 def test_load_tokenizer_explains_what_is_wrong(tmp_path):
-    with pytest.raises(SeqgenError, match="is not a folder"):
+    with pytest.raises(SeqgenError, match=r"is not a folder; set the image domain's tokenizer "
+                                          r"\(domains.KEY.tokenizer\)"):
         load_tokenizer(tmp_path / "missing")
     with pytest.raises(SeqgenError, match="no checkpoint"):
         load_tokenizer(tmp_path)
@@ -183,35 +195,49 @@ def test_load_tokenizer_explains_what_is_wrong(tmp_path):
 
 
 def test_generative_task_over_cached_codes(trained, tiny_cfg, tmp_path):
-    from seqgen.task import GenerativeTask, load_run
+    from safetensors.torch import load_file, save_file
+
+    from seqgen.task import GenerativeTask, fingerprint, load_run
     from seqgen.train import train
 
     src, _ = trained
     run_dir = tmp_path / "tok"
     shutil.copytree(src, run_dir)  # the cache writes into the tokenizer folder; keep the fixture's clean
-    cfg = RunConfig.from_dict(tiny_cfg(condition="none", domain={"tokenizer": str(run_dir)},
-                                       train={"steps": 6, "ckpt_every": 6, "accelerator": "cpu"}))
+    cfg = RunConfig.from_dict(tiny_cfg(
+        domains={"image": {"adapter": "image", "height": 8, "width": 8, "tokenizer": str(run_dir)}},
+        heads={"image": "categorical"},
+        mixture=[{"name": "digits", "source": {"name": "digits", "heldout": 300}, "target": ["image"]}],
+        train={"steps": 150, "ckpt_every": 150, "accelerator": "cpu", "precision": "32-true"}))
     task = GenerativeTask(cfg)
+    e = task.entry()
+    train_images = e.records["train"]["image"]
     cached = sorted(p.name for p in (run_dir / "codes").glob("*.safetensors"))
-    assert len(cached) == 2 and cached[0].endswith("_heldout.safetensors") and cached[1].endswith("_train.safetensors")
-    tk = load_tokenizer(run_dir)
-    assert torch.equal(task.train_ids, tk.encode(torch.from_numpy(task.splits.train).unsqueeze(-1)).view(-1, 16))
+    assert len(cached) == 2  # the training and the held-out column, named by content and encoding
+    train_cache = run_dir / "codes" / next(n for n in cached if n.startswith(fingerprint(train_images)))
+    tk = load_tokenizer(run_dir)  # the same checkpoint: the cache stays
+    assert train_cache.exists()
+    col = e.columns["train"]["image"]
+    assert torch.equal(col.seq.ids, tk.encode(torch.from_numpy(train_images).unsqueeze(-1)).view(-1, 16))
+    assert torch.equal(col.units, torch.full((len(train_images), 16), 4.0))  # each code stands for a 2x2 patch
     # a second task reads the cache instead of encoding again: tamper with it and see the change
-    from safetensors.torch import save_file
-
-    train_cache = run_dir / "codes" / cached[1]
-    save_file({"ids": torch.zeros_like(task.train_ids)}, str(train_cache))
-    assert int(GenerativeTask(cfg).train_ids.abs().sum()) == 0
+    t = load_file(str(train_cache))
+    save_file({**t, "ids": torch.zeros_like(t["ids"])}, str(train_cache))
+    assert int(GenerativeTask(cfg).entry().columns["train"]["image"].seq.ids.abs().sum()) == 0
     # a newer tokenizer checkpoint makes load_tokenizer drop codes cached from the old one
     (run_dir / "codes" / "checkpoint.txt").write_text("step_00000001/model.safetensors\n")
     load_tokenizer(run_dir)
     assert not list((run_dir / "codes").glob("*.safetensors"))
-    # the AR model trains on the codes and samples decode back to images through the tokenizer
+    # the AR model trains on the codes (beating the uniform code distribution) and samples decode
+    # back to images through the tokenizer
     ar_dir = tmp_path / "ar"
     summary = train(cfg, ar_dir, progress_bar=False)
-    assert math.isfinite(summary["bits_per_dim"]) and summary["bits_per_dim"] > 0
-    images, labels = load_run(ar_dir).generate(n=3)
-    assert images.shape == (3, 8, 8) and labels is None and images.min() >= 0 and images.max() <= 1
+    uniform = math.log2(tk.vocab_size) / 4  # bits per dimension of uniformly random codes
+    assert math.isfinite(summary["bits_per_dim"]) and 0 < summary["bits_per_dim"] < 0.8 * uniform, \
+        (summary["bits_per_dim"], uniform)
+    out = load_run(ar_dir).generate(n=3)
+    assert len(out) == 3 and all(set(r) == {"image"} for r in out)
+    images = np.stack([r["image"] for r in out])
+    assert images.shape == (3, 8, 8) and images.min() >= 0 and images.max() <= 1
 
 
 def test_cli_sample_and_eval(trained, tmp_path):

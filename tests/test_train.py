@@ -13,6 +13,7 @@ import yaml
 
 from seqgen.checkpoint import CheckpointError, latest_checkpoint, read_train_state, read_weights
 from seqgen.config import RunConfig
+from seqgen.task import build_task
 from seqgen.train import lr_lambda, train
 
 from conftest import tiny_digits_config
@@ -156,9 +157,24 @@ def test_gradient_accumulation_matches_one_large_batch(tmp_path):
     assert big["heldout_nll"] == pytest.approx(small["heldout_nll"], rel=1e-3)
 
 
+def untrained_bits_per_dim(cfg: dict) -> float:
+    """The held-out bits/dim of the model the trainer starts from (same seed, no step taken)."""
+    rc = RunConfig.from_dict(cfg)
+    torch.manual_seed(rc.seed)
+    return build_task(rc).evaluate_nll()["bits_per_dim"]
+
+
 def test_periodic_heldout_evaluation_is_logged(tmp_path):
-    run(tiny_digits_config(train={"steps": 10, "eval_every": 4, "eval_batches": 2}), tmp_path / "r")
+    cfg = tiny_digits_config(train={"steps": 10, "eval_every": 4, "eval_batches": 2})
+    summary = run(cfg, tmp_path / "r")
     with open(tmp_path / "r" / "logs" / "metrics.csv") as f:
-        evals = [(int(r["step"]), float(r["eval_bits_per_dim"])) for r in csv.DictReader(f) if r.get("eval_bits_per_dim")]
+        rows = [r for r in csv.DictReader(f) if r.get("eval_bits_per_dim")]
+    evals = [(int(r["step"]), float(r["eval_bits_per_dim"])) for r in rows]
     assert [s for s, _ in evals] == [4, 8, 10]  # every 4 steps, and the full held-out split at the end
-    assert all(0 < v < 5 for _, v in evals)
+    # the per-entry, per-domain key is logged beside the plain one (one entry, one target domain)
+    assert all(float(r["eval_label_to_image/image/bits_per_dim"]) == pytest.approx(v, rel=1e-5)
+               for r, (_, v) in zip(rows, evals))
+    assert int(float(rows[-1]["eval_heldout_tokens"])) == 300 * 64  # the whole held-out split, every pixel
+    assert int(float(rows[0]["eval_heldout_tokens"])) == 2 * 64 * 64  # eval_batches=2 of 64 images
+    assert evals[-1][1] == pytest.approx(summary["bits_per_dim"], rel=1e-4)
+    assert evals[-1][1] < untrained_bits_per_dim(cfg) - 0.2  # it scored a model that learnt

@@ -2,6 +2,7 @@
 import csv
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -11,47 +12,72 @@ from seqgen.task import GenerativeTask, load_run
 from seqgen.train import train
 from seqgen.types import SeqgenError
 
-from conftest import tiny_digits_config
+from conftest import tiny_digits_config, tiny_text_config
 
 
 def text_config(path, **train):
-    return {"name": "tiny_text", "seed": 0, "data": {"name": "text_folder", "path": str(path)},
-            "domain": {"name": "text", "tokenizer": "bytes", "context": 32},
-            "backbone": {"name": "transformer", "dim": 32, "layers": 1, "heads": 2},
-            "train": {"steps": 6, "batch_size": 8, "eval_every": 3, "log_every": 1, **train}}
+    return tiny_text_config(path, backbone={"layers": 1, "heads": 2},
+                            train={"steps": 6, "batch_size": 8, "eval_every": 3, "log_every": 1, **train})
 
 
 def test_text_validation_is_the_end_of_the_training_text(text_dir):
     plain = GenerativeTask(RunConfig.from_dict(text_config(text_dir)))
     task = GenerativeTask(RunConfig.from_dict(text_config(text_dir, val_fraction=0.1)))
     assert not plain.has_val and task.has_val
-    n = len(plain.train_ids)
+    p, e = plain.entry().streams, task.entry().streams
+    assert set(p) == {"train", "heldout"} and set(e) == {"train", "val", "heldout"}
+    n = len(p["train"])
     k = n - int(round(n * 0.9))
-    assert len(task.val_ids) == k and len(task.train_ids) == n - k
-    assert torch.equal(torch.cat([task.train_ids, task.val_ids]), plain.train_ids)
-    assert torch.equal(task.heldout_ids, plain.heldout_ids)  # the held-out split is never touched
+    assert len(e["val"]) == k and len(e["train"]) == n - k
+    assert torch.equal(torch.cat([e["train"], e["val"]]), p["train"])
+    assert torch.equal(e["heldout"], p["heldout"])  # the held-out split is never touched
     res = task.evaluate_nll(split="val", batch_size=4)
-    assert res["val_tokens"] == k - 1 and res["bits_per_byte"] > 0  # every byte but the first scored
+    assert res["val_tokens"] == k - 1  # every byte but the first scored
+    assert res["text/text/bits_per_byte"] == res["bits_per_byte"]
+    # it scores the validation text, not the held-out text
+    assert res["bits_per_byte"] != task.evaluate_nll(batch_size=4)["bits_per_byte"]
+    # the trainer samples windows of the (shortened) training stream only
+    assert task.train_sampler(8).samplers[0].n == n - k
     with pytest.raises(SeqgenError, match="no validation split"):
         plain.evaluate_nll(split="val")
     with pytest.raises(SeqgenError, match="unknown split"):
         task.evaluate_nll(split="test")
 
 
+def _rows(records: dict) -> list[tuple]:
+    """One hashable (image bytes, label) per record."""
+    return [(img.tobytes(), int(y)) for img, y in zip(records["image"], records["label"])]
+
+
 def test_image_validation_is_a_seeded_disjoint_subset():
     cfg = RunConfig.from_dict(tiny_digits_config(train={"val_fraction": 0.2}))
     a, b = GenerativeTask(cfg), GenerativeTask(cfg)
     plain = GenerativeTask(RunConfig.from_dict(tiny_digits_config()))
-    n = len(plain.train_ids)
-    assert len(a.val_ids) == round(0.2 * n) and len(a.train_ids) + len(a.val_ids) == n
-    assert torch.equal(a.val_ids, b.val_ids) and torch.equal(a.val_index, b.val_index)  # same seed, same split
-    assert set(a.val_index.tolist()).isdisjoint(a.train_index.tolist())
-    # ids and labels stay aligned with the examples they came from
-    assert torch.equal(a.val_ids, plain.train_ids[a.val_index])
-    assert torch.equal(a.val_labels, plain.train_labels[a.val_index])
-    assert torch.equal(a.heldout_ids, plain.heldout_ids)
+    ea, eb, ep = a.entry(), b.entry(), plain.entry()
+    n = ep.size("train")
+    assert set(ea.records) == {"train", "val", "heldout"} and set(ep.records) == {"train", "heldout"}
+    assert ea.size("val") == round(0.2 * n) and ea.size("train") + ea.size("val") == n
+    # same seed, same split
+    assert np.array_equal(ea.records["val"]["image"], eb.records["val"]["image"])
+    assert np.array_equal(ea.records["val"]["label"], eb.records["val"]["label"])
+    # disjoint, and together the training split record for record, images and labels still aligned
+    # (the digits images are all distinct)
+    train_rows, val_rows, all_rows = (set(_rows(r)) for r in (ea.records["train"], ea.records["val"],
+                                                                ep.records["train"]))
+    assert len(all_rows) == n and len(train_rows) == ea.size("train") and len(val_rows) == ea.size("val")
+    assert not train_rows & val_rows and train_rows | val_rows == all_rows
+    # the encoded columns are those of the split's own records
+    for split in ("train", "val"):
+        seq = ea.columns[split]["image"].seq
+        assert torch.equal(seq.ids, a.adapters["image"].encode(ea.records[split]["image"]).ids)
+        assert torch.equal(ea.columns[split]["label"].seq.ids[:, 0], torch.as_tensor(ea.records[split]["label"]))
+    assert np.array_equal(ea.records["heldout"]["image"], ep.records["heldout"]["image"])
+    assert torch.equal(ea.columns["heldout"]["image"].seq.ids, ep.columns["heldout"]["image"].seq.ids)
     other = GenerativeTask(RunConfig.from_dict(tiny_digits_config(seed=1, train={"val_fraction": 0.2})))
-    assert not torch.equal(other.val_index, a.val_index)
+    assert not np.array_equal(other.entry().records["val"]["image"], ea.records["val"]["image"])
+    # the trainer draws from the training part only
+    assert a.train_sampler(16).samplers[0].n == ea.size("train")
+    assert a.evaluate_nll(split="val")["val_tokens"] == ea.size("val") * 64
 
 
 @pytest.mark.parametrize("train_over, match", [
@@ -76,8 +102,10 @@ def _val_curve(run_dir):
 
 
 def test_keep_best_keeps_the_weights_with_the_lowest_validation_nll(tmp_path):
+    # float32, so that the scores computed here (float32) match the trainer's to rounding
     cfg = tiny_digits_config(train={"steps": 24, "lr": 3e-2, "warmup_steps": 1, "eval_every": 3, "ema": 0.5,
-                                    "val_fraction": 0.2, "keep_best": True, "eval_batches": 0})
+                                    "val_fraction": 0.2, "keep_best": True, "eval_batches": 0,
+                                    "precision": "32-true"})
     summary = train(RunConfig.from_dict(cfg), tmp_path / "r", progress_bar=False)
     curve = _val_curve(tmp_path / "r")
     assert [s for s, _ in curve] == list(range(3, 25, 3))  # every 3 steps and at the end
@@ -107,7 +135,7 @@ def test_keep_best_picks_an_earlier_step_over_a_worse_end(tmp_path, monkeypatch)
 
     monkeypatch.setattr(GenerativeTask, "heldout_metrics", fake)
     cfg = tiny_digits_config(train={"steps": 12, "eval_every": 3, "ckpt_every": 6, "keep_checkpoints": 5,
-                                    "ema": 0.5, "val_fraction": 0.2, "keep_best": True})
+                                    "ema": 0.5, "val_fraction": 0.2, "keep_best": True, "precision": "32-true"})
     summary = train(RunConfig.from_dict(cfg), tmp_path / "r", progress_bar=False)
     assert summary["best_step"] == 6 and summary["best_val_nll"] == 1.0
     kept = latest_checkpoint(tmp_path / "r", BEST_DIR)
@@ -170,7 +198,7 @@ def test_dynamic_evaluation_without_steps_is_the_static_evaluation(text_dir):
     static = task.evaluate_nll(stride=8)
     for opt in ("sgd", "adam"):
         dyn = task.evaluate_dynamic(lr=0.0, segment=8, optimizer=opt)
-        assert dyn["heldout_tokens"] == static["heldout_tokens"] == len(task.heldout_ids) - 1
+        assert dyn["heldout_tokens"] == static["heldout_tokens"] == len(task.entry().streams["heldout"]) - 1
         assert dyn["bits_per_byte"] == pytest.approx(static["bits_per_byte"], rel=1e-5)
     adapted = task.evaluate_dynamic(lr=1e-2, segment=8, optimizer="adam")
     assert adapted["heldout_tokens"] == static["heldout_tokens"]
@@ -181,7 +209,7 @@ def test_dynamic_evaluation_adapts_to_text_it_has_already_scored(text_dir):
     task = _text_task(text_dir)
     g = torch.Generator().manual_seed(3)
     motif = torch.randint(97, 123, (24,), generator=g)  # a random "word" no training text contains
-    task.heldout_ids = motif.repeat(12)
+    task.entry().streams["heldout"] = motif.repeat(12)
     static = task.evaluate_nll(stride=8)["bits_per_byte"]
     dynamic = task.evaluate_dynamic(lr=3e-2, segment=8, optimizer="adam")["bits_per_byte"]
     assert dynamic < 0.7 * static, (static, dynamic)
@@ -189,13 +217,13 @@ def test_dynamic_evaluation_adapts_to_text_it_has_already_scored(text_dir):
 
 def test_dynamic_evaluation_never_sees_text_before_scoring_it(text_dir):
     task = _text_task(text_dir)
-    ids = task.heldout_ids[:200].clone()
+    ids = task.entry().streams["heldout"][:200].clone()
     changed = ids.clone()
     changed[120:] = (changed[120:] + 7) % 256  # different text from byte 120 on
     a, b = [], []
-    task.heldout_ids = ids
+    task.entry().streams["heldout"] = ids
     task.evaluate_dynamic(lr=1e-2, segment=8, optimizer="adam", windows=a)
-    task.heldout_ids = changed
+    task.entry().streams["heldout"] = changed
     task.evaluate_dynamic(lr=1e-2, segment=8, optimizer="adam", windows=b)
     # windows whose scored targets all lie before byte 120 (context 32, stride 8: targets up to start + 32)
     same = [i for i in range(len(a)) if (0 if i == 0 else 8 * i) + 32 < 120]
@@ -228,7 +256,7 @@ def test_eval_chooses_the_dynamic_rate_on_validation(tmp_path, text_dir):
 
 def test_dynamic_evaluation_refuses_images_and_bad_settings(text_dir):
     img = GenerativeTask(RunConfig.from_dict(tiny_digits_config()))
-    with pytest.raises(SeqgenError, match="text stream"):
+    with pytest.raises(SeqgenError, match="stream: true"):
         img.evaluate_dynamic()
     task = _text_task(text_dir)
     with pytest.raises(SeqgenError, match="optimizer must be"):

@@ -26,13 +26,23 @@ from seqgen.types import DomainSpec, SeqgenError, TokenSequence
 
 log = logging.getLogger(__name__)
 
-SCANS = ("raster", "column", "diagonal")
+SCANS = ("raster", "column", "diagonal", "tiles")
 
 
-def scan_order(height: int, width: int, scan: str) -> Tensor:
-    """(H*W, 2) long (row, col) of each grid cell in sequence order."""
+def scan_order(height: int, width: int, scan: str, tile: tuple[int, int] | None = None) -> Tensor:
+    """(H*W, 2) long (row, col) of each grid cell in sequence order.  ``tiles``: tile after tile (raster
+    over the tiles of a tokenizer-tiled image, e.g. the left digit of a scene, then the right one),
+    raster inside each tile."""
     r, c = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     r, c = r.reshape(-1), c.reshape(-1)
+    if scan == "tiles":
+        if tile is None:
+            raise SeqgenError("image: scan: tiles needs a tokenizer that tiles the image (tokenizer-sized tiles)")
+        th, tw = tile
+        tiles_w = width // tw
+        key = (((r // th) * tiles_w + c // tw) * th + r % th) * tw + c % tw
+        idx = key.argsort()
+        return torch.stack([r[idx], c[idx]], dim=1)
     if scan == "raster":
         key = r * width + c
     elif scan == "column":
@@ -99,7 +109,8 @@ class ImageDomain:
     def _set_grid(self, grid: tuple[int, int], vocab: int, token_channels: int) -> None:
         self.grid, self.token_channels = grid, token_channels
         self.spec = DomainSpec("image", vocab_size=vocab, pos_axes=2)
-        self._order = scan_order(*grid, self.config.scan)  # (h*w, 2)
+        tile = self.tokenizer.grid if self.tokenizer is not None else None
+        self._order = scan_order(*grid, self.config.scan, tile)  # (h*w, 2)
 
     def _load_tokenizer(self) -> None:
         from seqgen.domains.tokenizers import load_tokenizer

@@ -172,8 +172,9 @@ class TokenizerTask:
 
 # ------------------------------------------------------------------------------------------ loading
 def _not_a_tokenizer(run_dir: Path, why: str) -> SeqgenError:
-    return SeqgenError(f"tokenizer {str(run_dir)!r} {why}; set domain.tokenizer to 'pixels' or to the run folder "
-                       "of a trained tokenizer (seqgen train <config with task: tokenizer> --out DIR)")
+    return SeqgenError(f"tokenizer {str(run_dir)!r} {why}; set the image domain's tokenizer (domains.KEY.tokenizer) "
+                       "to 'pixels' or to the run folder of a trained tokenizer "
+                       "(seqgen train <config with task: tokenizer> --out DIR)")
 
 
 def load_tokenizer(run_dir: str | Path) -> nn.Module:

@@ -125,6 +125,8 @@ class EvalConfig:
     """guidance scale of the guided sample set"""
     cfg_schedule: str = "constant"
     temperature: float = 1.0
+    greedy: bool = True
+    """also score samples decoded greedily (temperature 0, no guidance): the captioning protocol"""
     stride: int = 0
     """text: sliding-window stride of the held-out evaluation (0: half the context)"""
     compressors: bool = True

@@ -201,17 +201,19 @@ def sample_scores(task, entry, n: int, device, cfg_scale: float, amp: dict, take
         return {"sample_scores": f"not scored: {err}"}
     if hasattr(entry.source, "reference_scores"):
         out["reference"] = entry.source.reference_scores(entry.field_of(k))
-    settings = [("temperature_1", 1.0)] + ([("guided", cfg_scale)] if entry.cond else [])
-    for tag, scale in settings:
+    settings = [("temperature_1", 1.0, e.temperature)] + ([("guided", cfg_scale, e.temperature)] if entry.cond else [])
+    if e.greedy:
+        settings.append(("greedy", 1.0, 0.0))
+    for tag, scale, temperature in settings:
         g = torch.Generator(device=device)
         g.manual_seed(e.seed)
         t0 = time.time()
         with torch.autocast(**amp):
-            gen = task.generate(entry=entry.name, conds=conds, n=n, generator=g, temperature=e.temperature,
+            gen = task.generate(entry=entry.name, conds=conds, n=n, generator=g, temperature=temperature,
                                 cfg_scale=scale, cfg_schedule=e.cfg_schedule, batch_size=task.cfg.sample.batch_size)
         secs = time.time() - t0
         scores = entry.source.score(entry.field_of(k), sub, [r[k] for r in gen])
-        out[tag] = {"cfg_scale": scale, "temperature": e.temperature, **scores, "seconds": secs}
+        out[tag] = {"cfg_scale": scale, "temperature": temperature, **scores, "seconds": secs}
     return out
 
 
@@ -261,7 +263,7 @@ def format_table(res: dict) -> str:
             for metric, v in entry.get(k, {}).items():
                 if metric.startswith("bits_per"):
                     rows.append((f"{name}: {k} {metric}", f"{v:.4f}"))
-        for tag in ("reference", "temperature_1", "guided"):
+        for tag in ("reference", "temperature_1", "guided", "greedy"):
             if tag in entry:
                 r = entry[tag]
                 shown = "  ".join(f"{m} {v:.3f}" for m, v in r.items()

@@ -78,7 +78,8 @@ class ImageDomain:
         """a tokenizer run config (YAML): when the tokenizer run directory holds no trained tokenizer,
         ``seqgen train`` trains it there first"""
         scan: str = "raster"
-        """sequence order over the grid: raster, column or diagonal"""
+        """sequence order over the grid: raster, column, diagonal, or tiles (tile after tile of a tiling
+        tokenizer, raster inside each: the left digit of a scene, then the right one)"""
 
         @classmethod
         def tiny(cls) -> "ImageDomain.Config":

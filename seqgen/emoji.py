@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .datasets import DataUnavailableError, RawSplits, data_dir, npm_pack
+from .datasets import RawSplits, data_dir, npm_pack
 from .registry import register_dataset
 from .types import SeqgenError
 

@@ -25,6 +25,7 @@ import os
 import platform
 import time
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
@@ -111,9 +112,7 @@ def cpu_bf16_native() -> tuple[bool, str]:
     return True, f"CPU has native bf16 ({'+'.join(hw)}, PyTorch capability {capability})"
 
 
-def _probe_cache() -> "Path":
-    from pathlib import Path
-
+def _probe_cache() -> Path:
     return Path(os.environ.get("SEQGEN_CACHE", Path.home() / ".cache" / "seqgen")).expanduser() / "cpu_bf16_probe.json"
 
 

@@ -69,6 +69,23 @@ def tiny_text_config(path, **over) -> dict:
     return cfg
 
 
+def run_ddp(cfg: dict, tmp_path) -> tuple[dict, Path]:
+    """Train ``cfg`` with 2 CPU processes (gloo DDP) through the CLI; (train summary, run folder)."""
+    import json
+    import subprocess
+    import sys
+
+    import yaml
+
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    out = tmp_path / "ddp"
+    r = subprocess.run([sys.executable, "-m", "seqgen.cli", "train", str(path), "--no-progress", "--out", str(out)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads((out / "train_summary.json").read_text()), out
+
+
 @pytest.fixture
 def tiny_cfg():
     return tiny_digits_config

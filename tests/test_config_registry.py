@@ -12,7 +12,7 @@ from seqgen.examples import Piece
 from seqgen.interfaces import Backbone, DomainAdapter, Head, Paradigm
 from seqgen.masks import causal
 from seqgen.registry import BACKBONES, DOMAINS, HEADS, PARADIGMS, Registry, UnknownComponentError
-from seqgen.types import DomainSpec, SeqgenError, TokenSequence, line_positions
+from seqgen.types import DomainSpec, SeqgenError, line_positions
 
 from conftest import tiny_digits_config
 

@@ -137,20 +137,14 @@ def test_stopped_two_entry_run_resumes_on_the_same_curve(tmp_path):
 @pytest.mark.slow
 def test_two_process_ddp_two_entry_run_keeps_replicas_identical(tmp_path):
     """Each rank draws its own mixture picks and its own share of every entry; both states are saved."""
-    import subprocess
-    import sys
+    from conftest import run_ddp
 
     from seqgen.checkpoint import latest_checkpoint, read_train_state
 
     cfg = two_way_config(train={"steps": 6, "devices": 2, "strategy": "ddp", "accelerator": "cpu"})
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "-m", "seqgen.cli", "train", str(path), "--no-progress", "--out",
-                        str(tmp_path / "ddp")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    summary, out = run_ddp(cfg, tmp_path)
     assert summary["world_size"] == 2 and summary["replicas_identical"] is True and summary["steps"] == 6
-    states = read_train_state(latest_checkpoint(tmp_path / "ddp"))["sampler"]
+    states = read_train_state(latest_checkpoint(out))["sampler"]
     assert isinstance(states, list) and len(states) == 2
     assert set(states[0]) == {"draws", "0.epoch", "0.cursor", "1.epoch", "1.cursor"}
     assert states[0]["draws"] == states[1]["draws"] == 6

@@ -85,15 +85,12 @@ def test_killed_process_resumes_on_the_same_curve(tmp_path):
 
 @pytest.mark.slow
 def test_two_process_ddp_on_cpu_keeps_replicas_identical(tmp_path):
+    from conftest import run_ddp
+
     cfg = tiny_digits_config(train={"steps": 6, "devices": 2, "strategy": "ddp", "accelerator": "cpu"})
-    path = tmp_path / "cfg.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    r = subprocess.run([sys.executable, "-m", "seqgen.cli", "train", str(path), "--no-progress", "--out",
-                        str(tmp_path / "ddp")], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    summary = json.loads((tmp_path / "ddp" / "train_summary.json").read_text())
+    summary, out = run_ddp(cfg, tmp_path)
     assert summary["world_size"] == 2 and summary["replicas_identical"] is True and summary["steps"] == 6
-    state = read_train_state(latest_checkpoint(tmp_path / "ddp"))
+    state = read_train_state(latest_checkpoint(out))
     assert isinstance(state["sampler"], list) and len(state["sampler"]) == 2  # each rank's data position
 
 

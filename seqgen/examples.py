@@ -69,6 +69,24 @@ class Piece:
         return int(self.ids.shape[0])
 
 
+def piece_of(seq, units: Tensor, i: int, modality: int, role: str, variable: bool = False) -> Piece:
+    """Row i of an encoded (N, L) TokenSequence (its valid tokens) as a piece."""
+    v = seq.valid[i]
+    return Piece(modality, seq.ids[i][v], seq.pos[i][v], units[i][v], role=role,
+                 values=None if seq.values is None else seq.values[i][v], variable=variable)
+
+
+def encode_pieces(adapter, items, modality: int, role: str, specs: list[DomainSpec] | None = None) -> list[Piece]:
+    """Raw items of one domain -> one piece per item.  With ``specs`` the tokens are validated first."""
+    seq = adapter.encode(items)
+    seq = seq.replace(modality=torch.full_like(seq.modality, modality))
+    if specs is not None:
+        seq.validate(specs)
+    units = adapter.units(seq).float()
+    variable = role == "target" and bool(adapter.variable_length)
+    return [piece_of(seq, units, i, modality, role, variable) for i in range(len(items))]
+
+
 def null_piece(modality: int, spec: DomainSpec) -> Piece:
     """The null condition of a domain: one NULL token (its own length: nothing of the real condition,
     not even its length, shows in the null row)."""

@@ -26,7 +26,7 @@ from .checkpoint import (BEST_DIR, CheckpointError, config_differences, latest_c
                          require_checkpoint)
 from .config import RunConfig
 from .data import ExampleSampler, MixtureSampler, WindowSampler
-from .examples import Piece
+from .examples import Piece, encode_pieces, piece_of
 from .generate import Target, build_plan, outputs, prefill
 from .model import SeqModel
 from .registry import DATASETS
@@ -82,9 +82,7 @@ class Column:
     units: Tensor  # (N, L)
 
     def piece(self, i: int, modality: int, role: str, variable: bool) -> Piece:
-        v = self.seq.valid[i]
-        return Piece(modality, self.seq.ids[i][v], self.seq.pos[i][v], self.units[i][v], role=role,
-                     values=None if self.seq.values is None else self.seq.values[i][v], variable=variable)
+        return piece_of(self.seq, self.units, i, modality, role, variable)
 
 
 @dataclass
@@ -478,12 +476,10 @@ class GenerativeTask:
 
     # ------------------------------------------------------------------ sampling
     def _pieces(self, key: str, items: list, role: str) -> list[Piece]:
-        a = self.adapters[key]
-        seq = a.encode(items)
-        seq = seq.replace(modality=torch.full_like(seq.modality, self.modality[key]))
-        self._validate(seq, f"the {key} condition")
-        col = Column(seq, a.units(seq).float())
-        return [col.piece(i, self.modality[key], role, False) for i in range(len(items))]
+        try:
+            return encode_pieces(self.adapters[key], items, self.modality[key], role, self.specs)
+        except SeqgenError as e:
+            raise SeqgenError(f"the {key} condition: the adapter produced bad tokens: {e}") from None
 
     @torch.no_grad()
     def generate(self, model: nn.Module | None = None, *, entry: str | None = None, conds: list[dict] | None = None,

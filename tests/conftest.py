@@ -21,6 +21,16 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def _merge(cfg: dict, over: dict) -> dict:
+    """Override sections: plain sections merge key by key; domains, heads and lists are replaced whole."""
+    for k, v in over.items():
+        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("domains", "heads"):
+            cfg[k] = {**cfg[k], **v}
+        else:
+            cfg[k] = v
+    return cfg
+
+
 def tiny_digits_config(**over) -> dict:
     """A class-conditional digits run small enough for a unit test (seconds on a CPU): [label | image]."""
     cfg = {
@@ -38,12 +48,7 @@ def tiny_digits_config(**over) -> dict:
         "sample": {"num": 10},
         "eval": {"samples": 50},
     }
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("domains", "heads"):
-            cfg[k] = {**cfg[k], **v}
-        else:
-            cfg[k] = v
-    return cfg
+    return _merge(cfg, over)
 
 
 def tiny_text_config(path, **over) -> dict:
@@ -61,12 +66,7 @@ def tiny_text_config(path, **over) -> dict:
         "sample": {"num": 2, "length": 20},
         "eval": {"compressors": False},
     }
-    for k, v in over.items():
-        if isinstance(v, dict) and isinstance(cfg.get(k), dict) and k not in ("domains", "heads"):
-            cfg[k] = {**cfg[k], **v}
-        else:
-            cfg[k] = v
-    return cfg
+    return _merge(cfg, over)
 
 
 def run_ddp(cfg: dict, tmp_path) -> tuple[dict, Path]:

@@ -6,7 +6,7 @@ import torch
 from seqgen.domains.image import ImageDomain
 from seqgen.domains.label import LabelDomain
 from seqgen.domains.text import TextDomain
-from seqgen.examples import Piece
+from seqgen.examples import Piece, encode_pieces
 from seqgen.generate import Target, build_plan, outputs, prefill
 from seqgen.masks import causal
 from seqgen.model import SeqModel
@@ -25,10 +25,7 @@ def domains(levels=5, side=4, max_length=16, context=256):
 
 
 def piece(adapter, modality, item, role):
-    s = adapter.encode([item])
-    v = s.valid[0]
-    return Piece(modality, s.ids[0][v], s.pos[0][v], adapter.units(s)[0][v].float(), role=role,
-                 variable=bool(adapter.variable_length))
+    return encode_pieces(adapter, [item], modality, role)[0]
 
 
 def images(n, levels=5, side=4, g=None):

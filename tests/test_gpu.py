@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from seqgen.config import RunConfig
-from seqgen.examples import Piece
+from seqgen.examples import Piece, encode_pieces
 from seqgen.task import GenerativeTask, build_task, load_run
 from seqgen.train import train
 
@@ -57,11 +57,7 @@ def test_flex_attention_trains_like_sdpa(order):
 
 def pieces(task, key: str, items: list, role: str) -> list[Piece]:
     """Raw items of one domain -> one encoded piece per item (what the task stores per record)."""
-    a = task.adapters[key]
-    seq = a.encode(items)
-    units = a.units(seq).float()
-    return [Piece(task.modality[key], seq.ids[i][seq.valid[i]], seq.pos[i][seq.valid[i]], units[i][seq.valid[i]],
-                  role=role, variable=role == "target" and bool(a.variable_length)) for i in range(len(items))]
+    return encode_pieces(task.adapters[key], items, task.modality[key], role)
 
 
 def greedy_matches_teacher_forcing(task, model, cond_key, conds, target_key, outs) -> None:

@@ -15,7 +15,7 @@ from seqgen.config import RunConfig
 from seqgen.domains.image import ImageDomain
 from seqgen.domains.label import LabelDomain
 from seqgen.domains.text import TextDomain
-from seqgen.examples import Piece, flatten, null_piece, pack_rows
+from seqgen.examples import Piece, flatten, null_piece, pack_rows, encode_pieces
 from seqgen.generate import DATA, Target, build_plan, outputs, prefill
 from seqgen.masks import causal
 from seqgen.model import SeqModel
@@ -36,10 +36,7 @@ def domains(max_length=MAXLEN):
 
 
 def piece(adapter, modality, item, role):
-    s = adapter.encode([item])
-    v = s.valid[0]
-    return Piece(modality, s.ids[0][v], s.pos[0][v], adapter.units(s)[0][v].float(), role=role,
-                 variable=bool(adapter.variable_length))
+    return encode_pieces(adapter, [item], modality, role)[0]
 
 
 def rand_image(g):

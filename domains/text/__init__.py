@@ -205,11 +205,6 @@ class TextDomain:
     def decode_ids(self, ids) -> str:
         return self._tokenizer().decode(list(ids))
 
-    def windows(self, stream: Tensor, starts: Tensor, length: int) -> TokenSequence:
-        """Cut windows stream[s : s + length] -> (B, length) tokens at positions 0..length-1."""
-        idx = starts.view(-1, 1) + torch.arange(length)
-        return TokenSequence.from_ids(stream[idx])
-
     def layout(self, n: int, length: int | None = None) -> TokenSequence:
         L = self.config.max_length if length is None else int(length)
         return TokenSequence.from_ids(torch.zeros(n, L, dtype=torch.long), pos=line_positions(L, n))

@@ -28,12 +28,23 @@ from .types import SeqgenError
 
 
 # ------------------------------------------------------------------------------------------ classifier
-class DigitClassifier(nn.Module):
-    """Two conv layers, then a 128-d feature layer (the Frechet-distance features), then logits."""
+POOL_ABOVE = 16
+"""images larger than this (in both sides) are max-pooled 2x between the two conv layers: 4x less work
+for MNIST's 28x28 (a CPU without AVX-512 trained the unpooled net for over 15 minutes)"""
 
-    def __init__(self, channels: int, num_classes: int, feat: int = 128):
+
+def _pooled(height: int, width: int) -> bool:
+    return min(height, width) > POOL_ABOVE
+
+
+class DigitClassifier(nn.Module):
+    """Two conv layers (max-pooled 2x between them for images above 16x16), then a 128-d feature layer
+    (the Frechet-distance features), then logits."""
+
+    def __init__(self, channels: int, num_classes: int, feat: int = 128, pool: bool = False):
         super().__init__()
-        self.conv = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(), nn.Conv2d(32, 64, 3, padding=1),
+        self.conv = nn.Sequential(nn.Conv2d(channels, 32, 3, padding=1), nn.ReLU(),
+                                  nn.MaxPool2d(2) if pool else nn.Identity(), nn.Conv2d(32, 64, 3, padding=1),
                                   nn.ReLU(), nn.AdaptiveAvgPool2d(4))
         self.fc = nn.Linear(64 * 16, feat)
         self.out = nn.Linear(feat, num_classes)
@@ -51,13 +62,16 @@ def _nchw(images: np.ndarray) -> torch.Tensor:
     return x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
 
 
-def train_classifier(splits: RawSplits, epochs: int = 40, seed: int = 0) -> DigitClassifier:
-    """Fit on the real training split with small random shifts (a few seconds on a CPU)."""
+def train_classifier(splits: RawSplits, epochs: int | None = None, seed: int = 0) -> DigitClassifier:
+    """Fit on the real training split with small random shifts: 40 epochs for small images (seconds on a
+    CPU), 24 for pooled ones (MNIST 28x28: two minutes on 2 AVX2 cores, 98.7% held-out)."""
     g = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
     x = _nchw(splits.train)
     y = torch.as_tensor(splits.train_labels, dtype=torch.long)
-    clf = DigitClassifier(x.shape[1], splits.num_classes)
+    pool = _pooled(*x.shape[-2:])
+    epochs = epochs or (24 if pool else 40)
+    clf = DigitClassifier(x.shape[1], splits.num_classes, pool=pool)
     opt = torch.optim.AdamW(clf.parameters(), lr=2e-3, weight_decay=1e-4)
     steps = epochs * math.ceil(len(x) / 128)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps)
@@ -86,8 +100,10 @@ def digit_classifier(splits: RawSplits) -> DigitClassifier:
         raise SeqgenError("scoring samples needs a labelled image data set")
     x = np.asarray(splits.train)
     channels = 1 if x.ndim == 3 else x.shape[-1]
-    path = data_dir() / "classifiers" / f"{splits.info.get('name', 'data')}_{splits.fingerprint()}.safetensors"
-    clf = DigitClassifier(channels, splits.num_classes)
+    pool = _pooled(x.shape[1], x.shape[2])
+    arch = "_pool2" if pool else ""  # a different net, a different cache file
+    path = data_dir() / "classifiers" / f"{splits.info.get('name', 'data')}_{splits.fingerprint()}{arch}.safetensors"
+    clf = DigitClassifier(channels, splits.num_classes, pool=pool)
     if path.exists():
         try:
             clf.load_state_dict(load_file(str(path)))

@@ -54,6 +54,10 @@ class DomainAdapter(Protocol):
     ``read_file(path) -> item``       read an item from a file a person gives (a PNG).
     ``encode_cache() -> (dir, key)``  where encodings of a data set may be cached, and a key that
                                       changes whenever the encoding would (tokenizer, scan order).
+    ``token_features() -> (V, F) or None``  a feature vector for each of the V vocabulary ids (a
+                                      code's quantized vector); the model embeds an id as its own row
+                                      plus a learned linear map of its features, so ids that stand
+                                      for similar things start out similar.
     ``baselines(train_items, heldout_items) -> dict``  reference bits per unit (text compressors).
     ``default_prompts(n) -> (items, nrow)``  conditions for a sample grid when none are given.
     """

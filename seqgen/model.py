@@ -38,10 +38,13 @@ class TargetPositionEmbedding(nn.Module):
 
 class SeqModel(nn.Module):
     """specs: the run's domains in modality order; heads: domain name -> head (target domains only);
-    loss_weights: domain name -> weight of that head's token-mean loss (default 1)."""
+    loss_weights: domain name -> weight of that head's token-mean loss (default 1);
+    features: domain name -> (V, F) features of its vocabulary ids (an adapter's ``token_features``): an
+    id is embedded as its row plus a learned linear map of its features (special ids: the row only)."""
 
     def __init__(self, specs: list[DomainSpec], backbone: nn.Module, heads: dict[str, nn.Module],
-                 target_pos: bool = False, max_target_pos: int = 4096, loss_weights: dict[str, float] | None = None):
+                 target_pos: bool = False, max_target_pos: int = 4096, loss_weights: dict[str, float] | None = None,
+                 features: dict[str, Tensor] | None = None):
         super().__init__()
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -64,6 +67,15 @@ class SeqModel(nn.Module):
             self.embeds[s.name] = emb
             if s.value_dim is not None:
                 self.value_embeds[s.name] = nn.Linear(s.value_dim, D)
+        self.feature_embeds = nn.ModuleDict()
+        for name, f in (features or {}).items():
+            s = self.specs[self.domain_index(name)]
+            if f.ndim != 2 or s.vocab_size is None or f.shape[0] != s.vocab_size:
+                raise SeqgenError(f"features of domain {name!r} must be (vocab_size={s.vocab_size}, F); got "
+                                  f"{tuple(f.shape)}")
+            self.register_buffer(f"features_{name}", f.float().clone(), persistent=True)
+            self.feature_embeds[name] = nn.Linear(f.shape[1], D, bias=False)
+            nn.init.normal_(self.feature_embeds[name].weight, std=0.02)
         self.heads = nn.ModuleDict(heads)
         self.target_pos = TargetPositionEmbedding(D, max_target_pos) if target_pos else None
 
@@ -106,6 +118,11 @@ class SeqModel(nn.Module):
                     raise SeqgenError(f"ids outside the table of domain {s.name!r}: got [{lo}, {hi}], expected "
                                       f"0 <= id < {s.table_size} (vocabulary {s.vocab_size} + special ids)")
             e = self.embeds[s.name](ids.clamp(min=0))
+            if s.name in self.feature_embeds:
+                f = getattr(self, f"features_{s.name}")
+                in_vocab = (ids >= 0) & (ids < s.vocab_size)
+                fe = self.feature_embeds[s.name](f.to(e.dtype)[torch.where(in_vocab, ids, 0)])
+                e = e + fe * in_vocab.unsqueeze(-1).to(e.dtype)
             if s.value_dim is not None:
                 if seq.values is None:
                     raise SeqgenError(f"domain {s.name!r} is continuous but the sequence has no values")

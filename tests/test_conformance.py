@@ -367,12 +367,12 @@ def test_fit_sees_the_training_items_of_its_domain(stack, tmp_path):
     (a_items, a_dir), (b_items, b_dir) = seen[id(task.adapters["a"])], seen[id(task.adapters["b"])]
     assert a_dir == b_dir == tmp_path / "run"
     train = task.entries[0].records["train"]
-    # a is read by both entries (its column twice), b by one; items keep their own shape (6,)
+    # a is read by both entries from one source column: fit sees it once; items keep their own shape (6,)
     if stack:
-        assert isinstance(a_items, np.ndarray) and a_items.shape == (2 * N_TRAIN, 6)
+        assert isinstance(a_items, np.ndarray) and a_items.shape == (N_TRAIN, 6)
     else:
-        assert isinstance(a_items, list) and len(a_items) == 2 * N_TRAIN and a_items[0].shape == (6,)
-    assert same_items(list(a_items), list(train["a"]) * 2) and same_items(list(b_items), list(train["b"]))
+        assert isinstance(a_items, list) and len(a_items) == N_TRAIN and a_items[0].shape == (6,)
+    assert same_items(list(a_items), list(train["a"])) and same_items(list(b_items), list(train["b"]))
 
 
 # ------------------------------------------------------------------------------------------ the runtime

@@ -153,3 +153,44 @@ def test_score_captions(scenes):
     s = scenes.score("caption", r, ["nonsense"] * 50 + r["caption"][50:])
     assert s["parsed"] == 0.5 and s["exact"] == 0.5
     assert NUMBER_WORDS[r["left"][0]] in r["caption"][0]
+
+
+# ------------------------------------------------------------------------------ augmentation and validation
+def test_shift_digits_moves_each_digit_and_keeps_its_ink():
+    from seqgen.scenes import shift_digits
+
+    rng = np.random.default_rng(0)
+    x = np.zeros((200, 9, 9), np.float32)
+    x[:, 4, 4] = 1.0
+    y = shift_digits(x, 2, rng)
+    where = np.argwhere(y == 1.0)  # (n, 3): image, row, col
+    assert len(where) == 200 and (y.sum(axis=(1, 2)) == 1).all()  # a centred dot never leaves the frame
+    offsets = where[:, 1:] - 4
+    assert np.abs(offsets).max() == 2 and len({tuple(o) for o in offsets}) == 25  # every offset in -2..2 occurs
+    assert (shift_digits(x, 0, rng) == x).all()
+    with pytest.raises(SeqgenError, match="smaller than the digit"):
+        shift_digits(x, 9, rng)
+
+
+def test_shift_applies_to_training_scenes_only(scenes):
+    shifted = small(shift=2)
+    a, b = scenes.records("train"), shifted.records("train")
+    assert (a["left"] == b["left"]).all() and a["caption"] == b["caption"]
+    assert (a["image"] != b["image"]).any(axis=(1, 2)).mean() > 0.5  # most scenes moved
+    ink_a, ink_b = a["image"].sum(axis=(1, 2)), b["image"].sum(axis=(1, 2))
+    lost = (ink_a - ink_b) / ink_a  # ink is kept, but for digits that touch the frame
+    assert (lost > -1e-5).all() and np.median(lost) < 1e-5 and lost.max() < 0.05
+    assert (scenes.records("heldout")["image"] == shifted.records("heldout")["image"]).all()
+
+
+def test_validation_scenes_use_training_digits_kept_out_of_training(scenes):
+    v = small(validation=500)
+    d = v.digits()
+    held, train = v.records("heldout"), v.records("train")
+    halves = lambda im: np.concatenate([im[:, :, :28], im[:, :, 28:]])  # noqa: E731
+    flat = lambda a: {x.tobytes() for x in a}  # noqa: E731
+    val_digits, train_digits = flat(halves(held["image"])), flat(halves(train["image"]))
+    assert not val_digits & train_digits  # no digit in both
+    assert val_digits <= flat(d.train) and not val_digits & flat(d.heldout)  # never the real held-out digits
+    with pytest.raises(SeqgenError, match="leaves no training digits"):
+        small(validation=len(d.train)).records("train")

@@ -77,6 +77,9 @@ class ImageDomain:
         tokenizer_config: str = ""
         """a tokenizer run config (YAML): when the tokenizer run directory holds no trained tokenizer,
         ``seqgen train`` trains it there first"""
+        code_features: bool = False
+        """learned tokenizer: the model embeds each code also by its quantized vector (a learned linear
+        map of the tokenizer's d values, added to the code's own row; ``token_features``)"""
         scan: str = "raster"
         """sequence order over the grid: raster, column, diagonal, or tiles (tile after tile of a tiling
         tokenizer, raster inside each: the left digit of a scene, then the right one)"""
@@ -137,6 +140,16 @@ class ImageDomain:
             log.warning("image: no tokenizer in %s: training it from %s first", cfg.tokenizer, cfg.tokenizer_config)
             train(RunConfig.load(cfg.tokenizer_config), cfg.tokenizer, resume=True, progress_bar=False)
         self._load_tokenizer()
+
+    def token_features(self) -> Tensor | None:
+        """(V, d) quantized vector of every code of the tokenizer (``code_features``), else None."""
+        if not self.config.code_features:
+            return None
+        self._require_spec()
+        if self.tokenizer is None or not hasattr(self.tokenizer, "quantizer"):
+            raise SeqgenError("image: code_features needs a learned tokenizer with a quantizer (FSQ); this domain "
+                              f"uses {self.config.tokenizer!r}")
+        return self.tokenizer.quantizer.indices_to_values(torch.arange(self.spec.vocab_size)).float()
 
     def encode_cache(self) -> tuple[Path, str] | None:
         """Codes of a learned tokenizer are cached in its run folder, keyed by everything that decides them."""

@@ -121,7 +121,7 @@ class SeqModel(nn.Module):
             if s.name in self.feature_embeds:
                 f = getattr(self, f"features_{s.name}")
                 in_vocab = (ids >= 0) & (ids < s.vocab_size)
-                fe = self.feature_embeds[s.name](f.to(e.dtype)[torch.where(in_vocab, ids, 0)])
+                fe = self.feature_embeds[s.name](f[torch.where(in_vocab, ids, 0)].to(e.dtype))
                 e = e + fe * in_vocab.unsqueeze(-1).to(e.dtype)
             if s.value_dim is not None:
                 if seq.values is None:

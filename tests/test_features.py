@@ -3,7 +3,6 @@ embeds an id as its own row plus a learned linear map of its features."""
 import pytest
 import torch
 
-from seqgen.masks import causal
 from seqgen.model import SeqModel
 from seqgen.registry import BACKBONES, HEADS
 from seqgen.types import DomainSpec, SeqgenError, TokenSequence

@@ -104,12 +104,19 @@ class Flat:
     target: Tensor  # (T,) bool: this token is predicted (from the token before it)
     units: Tensor  # (T,) float
     piece: Tensor  # (T,) long: index of the piece the token belongs to
+    cond: Tensor  # (T,) bool: the token belongs to a condition piece
     values: Tensor | None = None  # (T, C) float or None
     extras: dict = field(default_factory=dict)
 
     @property
     def length(self) -> int:
         return int(self.ids.shape[0])
+
+    @property
+    def group(self) -> Tensor:
+        """(T,) long: the piece index of tokens of condition pieces (begin / end ids included), -1
+        elsewhere: the groups of ``masks.within`` for bidirectional conditions."""
+        return torch.where(self.cond, self.piece, torch.full_like(self.piece, -1))
 
 
 def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | None] | None = None) -> Flat:
@@ -118,7 +125,7 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
     order: per piece, an optional permutation of its tokens (random-order AR); coordinates stay the
     tokens' true ones.
     """
-    ids, pos, mod, tgt, units, pidx, vals = [], [], [], [], [], [], []
+    ids, pos, mod, tgt, units, pidx, vals, conds = [], [], [], [], [], [], [], []
     C = {p.values.shape[-1] for p in pieces if p.values is not None}
     if len(C) > 1:
         raise SeqgenError(f"continuous segments of one example must share a width; got {sorted(C)}")
@@ -153,11 +160,12 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
             units.append(d.float())
             mod.append(torch.full((len(a),), p.modality, dtype=torch.long))
             pidx.append(torch.full((len(a),), j, dtype=torch.long))
+            conds.append(torch.full((len(a),), p.role == "cond"))
             if C is not None:
                 vals.append(v.float() if v is not None else torch.zeros(len(a), C))
         offset = nxt
     return Flat(ids=torch.cat(ids), pos=torch.cat(pos), modality=torch.cat(mod), target=torch.cat(tgt),
-                units=torch.cat(units), piece=torch.cat(pidx), values=torch.cat(vals) if C is not None else None)
+                units=torch.cat(units), piece=torch.cat(pidx), cond=torch.cat(conds), values=torch.cat(vals) if C is not None else None)
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:

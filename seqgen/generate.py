@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from .examples import Piece, null_piece
-from .masks import causal
+from .masks import MaskSpec, causal
 from .types import NUM_AXES, DomainSpec, SeqgenError, TokenSequence
 
 DATA, END, BEGIN = 0, 1, 2  # slot kinds
@@ -44,6 +44,7 @@ class Target:
 class Plan:
     prompt: TokenSequence  # (R, P) left-padded
     prompt_target_pos: Tensor  # (R, P, 3) coordinates each prompt token predicts
+    prompt_group: Tensor  # (R, P) index of the condition piece of each prompt token, -1 elsewhere
     slot_pos: Tensor  # (R, S, 3)
     slot_mod: Tensor  # (R, S)
     slot_kind: Tensor  # (R, S) DATA / END / BEGIN
@@ -98,14 +99,15 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
     for b, is_null in variants:
         if not targets[b]:
             raise SeqgenError("nothing to generate: a row has no target segment")
-        ids, pos, prompts_mod, vals, offset = [], [], [], [], 0
-        for p in conds[b]:
+        ids, pos, prompts_mod, vals, group, offset = [], [], [], [], [], 0
+        for g, p in enumerate(conds[b]):
             if is_null and p.role == "cond":
                 p = null_piece(p.modality, specs[p.modality])
             i, q, offset = _wrap(p, specs[p.modality], offset)
             ids += i
             pos.append(q)
             prompts_mod += [p.modality] * len(i)
+            group += [g if p.role == "cond" else -1] * len(i)
             if C is not None:
                 vals.append(wrapped_values(p, len(i)))
         row_slots = []  # (pos, mod, kind, forced, target, index, var, end_slot)
@@ -122,6 +124,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
                     ids += i
                     pos.append(q)
                     prompts_mod += [t.modality] * len(i)
+                    group += [-1] * len(i)
                     if C is not None:
                         vals.append(wrapped_values(t.prefix, len(i)))
                 for k in range(len(local)):
@@ -132,6 +135,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
                 ids.append(spec.begin_id)
                 pos.append(begin_pos.view(1, -1))
                 prompts_mod.append(t.modality)
+                group.append(-1)
                 if C is not None:
                     vals.append(torch.zeros(1, C))
             else:
@@ -146,7 +150,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
         if not ids:
             raise SeqgenError("generation needs a prompt: a condition, a begin id or text to continue")
         prompts.append((torch.tensor(ids), torch.cat(pos).long(), torch.tensor(prompts_mod),
-                        torch.cat(vals) if C is not None else None))
+                        torch.cat(vals) if C is not None else None, torch.tensor(group, dtype=torch.long)))
         slots.append(row_slots)
     R = len(variants)
     P = max(len(p[0]) for p in prompts)
@@ -155,10 +159,12 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
     p_pos = torch.zeros(R, P, NUM_AXES, dtype=torch.long)
     p_mod = torch.zeros(R, P, dtype=torch.long)
     p_valid = torch.zeros(R, P, dtype=torch.bool)
+    p_group = torch.full((R, P), -1, dtype=torch.long)
     p_vals = torch.zeros(R, P, C) if C is not None else None
-    for r, (i, q, m, v) in enumerate(prompts):  # left padding: every row's next token is at column P
+    for r, (i, q, m, v, g) in enumerate(prompts):  # left padding: every row's next token is at column P
         n = len(i)
         p_ids[r, P - n:], p_pos[r, P - n:], p_mod[r, P - n:], p_valid[r, P - n:] = i, q, m, True
+        p_group[r, P - n:] = g
         if v is not None:
             p_vals[r, P - n:] = v
         if n < P:
@@ -180,7 +186,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
     first = fields[0][:, :1]
     tp = torch.cat([p_pos[:, 1:], first], 1)
     prompt = TokenSequence(ids=p_ids, values=p_vals, pos=p_pos, modality=p_mod, valid=p_valid)
-    return Plan(prompt=prompt, prompt_target_pos=tp, slot_pos=fields[0], slot_mod=fields[1], slot_kind=fields[2],
+    return Plan(prompt=prompt, prompt_target_pos=tp, prompt_group=p_group, slot_pos=fields[0], slot_mod=fields[1], slot_kind=fields[2],
                 slot_forced=fields[3], slot_target=fields[4], slot_index=fields[5], slot_var=var, end_slot=end_slot,
                 n_slots=n_slots, targets=targets, guided=guided)
 
@@ -206,9 +212,11 @@ def outputs(plan: Plan, b: int, j: int) -> TokenSequence:
                          modality=torch.full((1, n), t.modality, dtype=torch.long), valid=valid.unsqueeze(0))
 
 
-def prefill(model, plan: Plan, cache_len: int, device) -> tuple[object, Tensor]:
-    """Run the prompt through the model into a fresh cache; return (cache, hidden state at its last token)."""
+def prefill(model, plan: Plan, cache_len: int, device, mask: MaskSpec | None = None) -> tuple[object, Tensor]:
+    """Run the prompt through the model into a fresh cache; return (cache, hidden state at its last token).
+    mask: the prompt's attention pattern (the paradigm's ``prompt_mask``; causal when None)."""
     prompt = plan.prompt.to(device)
     cache = model.init_cache(plan.rows, cache_len)
-    h = model(prompt, mask=causal(), cache=cache, target_pos=plan.prompt_target_pos.to(device))
+    mask = causal() if mask is None else mask.to(device)
+    h = model(prompt, mask=mask, cache=cache, target_pos=plan.prompt_target_pos.to(device))
     return cache, h[:, -1]

@@ -142,6 +142,8 @@ class Paradigm(Protocol):
         ``seqgen.examples``) -> a Batch (shift-by-one for AR; in-place targets for masked paradigms).
     ``fill(model, plan, ...)``  fill the target slots of a ``seqgen.generate.Plan`` after its prompt
         has been prefilled (the AR token loop today).
+    ``prompt_mask(plan)``  optional: the attention pattern of the prompt's prefill, the same as the
+        condition's pattern in training (causal when absent).
     """
 
     def prepare(self, examples: list, **kw) -> Batch: ...

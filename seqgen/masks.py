@@ -10,6 +10,7 @@ step start at the cache length.  Specs compose with ``&`` and ``|``:
     block_causal(segment)        seg[k] <= seg[q]               (block diffusion, VAR scales, video frames)
     block_causal(block_size=s)   k // s <= q // s               (same, blocks of equal size)
     same_document(segment)       seg[q] == seg[k]               (packed sequences)
+    within(group)                grp[q] == grp[k] >= 0          (bidirectional inside groups: or it with causal)
     sliding_window(w)            q - k < w                      (combine with causal)
 
 ``compile_mask`` turns a spec into what an attention implementation consumes: nothing (full), the
@@ -176,6 +177,16 @@ class SameDocument(_SegmentMask):
         return self.segment[b, q] == self.segment[b, k]
 
 
+class Within(_SegmentMask):
+    """Tokens of one group see each other in both directions; tokens of group -1 belong to none.
+    ``causal() | within(group)`` is a prefix-LM pattern per segment: condition segments read
+    bidirectionally, everything else causal."""
+
+    def mod(self, b, h, q, k):
+        g = self.segment[b, q]
+        return (g == self.segment[b, k]) & (g >= 0)
+
+
 class KeyValid(MaskSpec):
     """Hide padding keys.  A query always sees itself, so a padding row never has an empty softmax."""
 
@@ -246,12 +257,16 @@ def same_document(segment: Tensor) -> MaskSpec:
     return SameDocument(segment)
 
 
+def within(group: Tensor) -> MaskSpec:
+    return Within(group)
+
+
 def sliding_window(w: int) -> MaskSpec:
     return SlidingWindow(w)
 
 
 MASK_KINDS = {"causal": causal, "full": full, "prefix": prefix, "block_causal": block_causal,
-              "same_document": same_document, "sliding_window": sliding_window}
+              "same_document": same_document, "within": within, "sliding_window": sliding_window}
 
 
 def is_plain(spec: MaskSpec, kind: type) -> bool:

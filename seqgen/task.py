@@ -539,8 +539,10 @@ class GenerativeTask:
                         keep = max(1, max_context // 2)
                         plan.prompt = plan.prompt.slice(plan.prompt.length - keep)
                         plan.prompt_target_pos = plan.prompt_target_pos[:, -keep:]
+                        plan.prompt_group = plan.prompt_group[:, -keep:]
                     cache_len = min(cache_len, max_context)
-                cache, h = prefill(model, plan, cache_len, device)
+                mask = self.paradigm.prompt_mask(plan) if hasattr(self.paradigm, "prompt_mask") else None
+                cache, h = prefill(model, plan, cache_len, device, mask)
                 cb = None if progress is None else (lambda t, T, _s=s: progress(_s + t * B // max(T, 1), total))
                 self.paradigm.fill(model, plan, cache, h, specs=self.specs, generator=generator, temperature=temperature,
                                    top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,

@@ -17,7 +17,7 @@ from seqgen.domains.label import LabelDomain
 from seqgen.domains.text import TextDomain
 from seqgen.examples import Piece, flatten, null_piece, pack_rows, encode_pieces
 from seqgen.generate import DATA, Target, build_plan, outputs, prefill
-from seqgen.masks import causal
+from seqgen.masks import causal, within
 from seqgen.model import SeqModel
 from seqgen.paradigms.ar import AutoRegressive
 from seqgen.registry import BACKBONES, HEADS, register_dataset, register_head
@@ -320,17 +320,25 @@ def generated_pieces(plan, b, targets):
     return out
 
 
+def full_mask(f, cond_attention):
+    """The training pattern written out: causal, or causal | bidirectional inside each condition piece."""
+    return causal() | within(f.group[None]) if cond_attention == "bidirectional" else causal()
+
+
+@pytest.mark.parametrize("cond_attention", ["causal", "bidirectional"])
 @pytest.mark.parametrize("cfg_scale", [1.0, 2.0])
-def test_rows_in_different_segments_cached_equals_full_forward(cfg_scale):
+def test_rows_in_different_segments_cached_equals_full_forward(cfg_scale, cond_attention):
     txt, img, lab, specs = domains()
     conds, targets = mixed_rows(specs, txt, img)
+    para = AutoRegressive(AutoRegressive.Config(cond_attention=cond_attention))
     # a bias on the text head's END output makes greedy captions end, at different steps per row
     for end_bias in (2.0, 3.0, 1.0, 4.0):
         model = two_domain_model(specs, end_bias=end_bias)
         plan = build_plan(conds, targets, specs, guided=cfg_scale != 1.0)
         assert plan.prompt.valid[:, 0].sum() < len(plan.prompt.valid)  # prompts of different lengths: left padding
-        cache, h = prefill(model, plan, plan.prompt.length + int(plan.n_slots.max()) + 1, "cpu")
-        AutoRegressive().fill(model, plan, cache, h, specs=specs, temperature=0.0, cfg_scale=cfg_scale)
+        cache, h = prefill(model, plan, plan.prompt.length + int(plan.n_slots.max()) + 1, "cpu",
+                           para.prompt_mask(plan))
+        para.fill(model, plan, cache, h, specs=specs, temperature=0.0, cfg_scale=cfg_scale)
         text_lengths = [int(outputs(plan, b, 0).valid.sum()) for b in (1, 2, 3)]
         if len(set(text_lengths)) > 1 and min(text_lengths) < MAXLEN:
             break  # captions end at different steps
@@ -341,10 +349,10 @@ def test_rows_in_different_segments_cached_equals_full_forward(cfg_scale):
         gen = generated_pieces(plan, b, targets)
         f = flatten(conds[b] + gen, specs)
         with torch.no_grad():
-            hc = model(as_seq(f), mask=causal())[0]
+            hc = model(as_seq(f), mask=full_mask(f, cond_attention))[0]
             if cfg_scale != 1.0:
                 fu = flatten([null_piece(p.modality, specs[p.modality]) for p in conds[b]] + gen, specs)
-                hu = model(as_seq(fu), mask=causal())[0]
+                hu = model(as_seq(fu), mask=full_mask(fu, cond_attention))[0]
                 shift = fu.length - f.length  # the null prompt has its own length
         for t in f.target.nonzero().squeeze(1).tolist():
             j = int(f.piece[t]) - len(conds[b])
@@ -369,11 +377,48 @@ def test_rows_in_different_segments_cached_equals_full_forward(cfg_scale):
             assert int(plan.out_ids[b, n]) == specs[TEXT].end_id and not plan.filled[b, n]
     # the same greedy samples whatever the batch: row 2 alone gives what it gave next to the others
     solo = build_plan(conds[2:3], targets[2:3], specs, guided=cfg_scale != 1.0)
-    cache, h = prefill(model, solo, solo.prompt.length + int(solo.n_slots.max()) + 1, "cpu")
-    AutoRegressive().fill(model, solo, cache, h, specs=specs, temperature=0.0, cfg_scale=cfg_scale)
+    cache, h = prefill(model, solo, solo.prompt.length + int(solo.n_slots.max()) + 1, "cpu", para.prompt_mask(solo))
+    para.fill(model, solo, cache, h, specs=specs, temperature=0.0, cfg_scale=cfg_scale)
     for j in range(2):
         a, b_ = outputs(plan, 2, j), outputs(solo, 0, j)
         assert torch.equal(a.valid, b_.valid) and torch.equal(a.ids[a.valid], b_.ids[b_.valid])
+
+
+def test_bidirectional_conditions_see_each_other_and_nothing_later():
+    """cond_attention=bidirectional: changing input token s changes the output at t exactly when t >= s
+    or s and t lie in the same condition piece; target tokens never see a later token, so the loss
+    (whose predictions come from outputs before each target) sees no future."""
+    txt, img, lab, specs = domains()
+    g = torch.Generator().manual_seed(1)
+    ex = [piece(img, IMAGE, rand_image(g), "cond"), piece(txt, TEXT, "hey", "cond"),
+          piece(img, IMAGE, rand_image(g), "target")]
+    model = two_domain_model(specs)
+    for mode in ("causal", "bidirectional"):
+        para = AutoRegressive(AutoRegressive.Config(cond_attention=mode, cond_dropout=0.0))
+        batch = para.prepare([ex], specs=specs, train=False)
+        f = flatten(ex, specs)
+        grp = f.group[:-1]
+        assert (grp >= 0).sum() == 2 + 6 + 2 + 3  # both conditions with their begin / end ids
+        with torch.no_grad():
+            h0 = model(batch.inputs, mask=batch.mask)[0]
+        L = batch.inputs.length
+        seen = torch.zeros(L, L, dtype=torch.bool)  # seen[t, s]: output t moved when input s changed
+        for s_ in range(L):
+            ids = batch.inputs.ids.clone()
+            ids[0, s_] = (ids[0, s_] + 1) % specs[int(batch.inputs.modality[0, s_])].vocab_size
+            seq = TokenSequence(ids=ids, values=None, pos=batch.inputs.pos, modality=batch.inputs.modality,
+                                valid=batch.inputs.valid)
+            with torch.no_grad():
+                h1 = model(seq, mask=batch.mask)[0]
+            seen[:, s_] = (h1 - h0).abs().amax(-1) > 1e-6
+        t, s_ = torch.meshgrid(torch.arange(L), torch.arange(L), indexing="ij")
+        expect = t >= s_
+        if mode == "bidirectional":
+            expect = expect | ((grp[t] == grp[s_]) & (grp[t] >= 0))
+        assert torch.equal(seen, expect), mode
+        # no prediction that counts in the loss comes from an output that saw its own target or later
+        for q in batch.loss_mask[0].nonzero().squeeze(1).tolist():
+            assert not seen[q, q + 1:].any()
 
 
 # ------------------------------------------------------------------------------ f. continuous targets

@@ -32,12 +32,13 @@ from torch import Tensor
 
 from ..examples import Flat, Piece, flatten, null_piece, stack_rows
 from ..generate import DATA, Plan
-from ..masks import causal, same_document
+from ..masks import MaskSpec, causal, same_document, within
 from ..registry import register_paradigm
 from ..sampling import cfg_scale_at
 from ..types import Batch, DomainSpec, SeqgenError, TokenSequence
 
 ORDERS = ("raster", "random")
+COND_ATTENTION = ("causal", "bidirectional")
 
 
 def _rand(shape, generator, device) -> Tensor:
@@ -63,6 +64,9 @@ class AutoRegressive:
         """random order only: fraction of training from which no example is permuted"""
         cond_dropout: float = 0.1
         """probability of replacing the condition by the null condition (for guidance)"""
+        cond_attention: str = "causal"
+        """causal, or bidirectional: the tokens of each condition segment see each other both ways
+        (a prefix LM per segment, as in UniLM / T5's prefix mode); targets stay causal"""
 
         @classmethod
         def tiny(cls) -> "AutoRegressive.Config":
@@ -74,6 +78,8 @@ class AutoRegressive:
             raise SeqgenError(f"ar: unknown order {cfg.order!r}; known: {', '.join(ORDERS)}")
         if not 0.0 <= cfg.anneal_start <= cfg.anneal_end <= 1.0:
             raise SeqgenError(f"ar: need 0 <= anneal_start <= anneal_end <= 1; got {cfg.anneal_start}, {cfg.anneal_end}")
+        if cfg.cond_attention not in COND_ATTENTION:
+            raise SeqgenError(f"ar: unknown cond_attention {cfg.cond_attention!r}; known: {', '.join(COND_ATTENTION)}")
         if not 0.0 <= cfg.cond_dropout < 1.0:
             raise SeqgenError(f"ar: cond_dropout must be in [0, 1); got {cfg.cond_dropout}")
 
@@ -133,7 +139,7 @@ class AutoRegressive:
                 raise SeqgenError("an example needs at least two tokens to predict one from the other")
             d = {"ids": f.ids[:-1], "pos": f.pos[:-1], "modality": f.modality[:-1], "targets": f.ids[1:].clamp(min=0),
                  "target_modality": f.modality[1:], "loss_mask": f.target[1:], "units": f.units[1:],
-                 "target_pos": f.pos[1:]}
+                 "target_pos": f.pos[1:], "group": f.group[:-1]}
             if has_values:
                 v = f.values if f.values is not None else torch.zeros(f.length, C)
                 d["values"], d["target_values"] = v[:-1], v[1:]
@@ -145,16 +151,27 @@ class AutoRegressive:
             null_cond = None
         else:
             rows = [[p] for p in parts]
-        t = stack_rows(rows, pad={"loss_mask": False})
+        t = stack_rows(rows, pad={"loss_mask": False, "group": -1})
         inputs = TokenSequence(ids=t["ids"], values=t.get("values"), pos=t["pos"], modality=t["modality"],
                                valid=t["valid"], segment=t["doc"] if pack else None)
-        mask = (same_document(t["doc"]) & causal()) if pack else causal()
+        mask = self._causal(t["group"])
+        if pack:
+            mask = same_document(t["doc"]) & mask
         return Batch(inputs=inputs, targets=t["targets"], target_modality=t["target_modality"],
                      loss_mask=t["loss_mask"] & t["valid"], mask=mask, target_values=t.get("target_values"),
                      units=t["units"], doc=t["doc"], target_pos=t["target_pos"] if self.needs_target_pos else None,
                      null_cond=null_cond)
 
+    def _causal(self, group: Tensor) -> MaskSpec:
+        if self.config.cond_attention == "bidirectional" and bool((group >= 0).any()):
+            return causal() | within(group)
+        return causal()
+
     # ------------------------------------------------------------------ sampling
+    def prompt_mask(self, plan: Plan) -> MaskSpec:
+        """The attention pattern of the prompt's prefill (the same as in training)."""
+        return self._causal(plan.prompt_group)
+
     def generation_orders(self, plan_targets: list, order: str, generator=None) -> list | None:
         """Per row and target: a random permutation of a fixed-length target's tokens (order=random)."""
         if order not in ORDERS:
@@ -246,6 +263,7 @@ class AutoRegressive:
             if history is not None:
                 history = TokenSequence.cat(history, step, shift_positions=False)
             if cache.length + 1 > cache.max_len:  # slide the window: keep the newest half, prefill again
+                # (causally: what is left of a bidirectional condition is read causally after a slide)
                 keep = max(1, cache.max_len // 2)
                 recent = history.slice(history.length - keep)
                 cache = model.init_cache(R, cache.max_len)

@@ -13,12 +13,13 @@ scored by ``seqgen eval``'s metrics on those validation scenes.  Variants (edits
                               one token, so its per-token loss, and so its share of the gradient, is larger
                               than it was with bytes, when the weight 5 was chosen)
     bidir_d192                bidir at width 192 (6 heads)
+    cap2                      caption loss weight 2, causal conditions
 
     python benchmarks/scenes_validation.py --time_limit 700 --samples 500 \
         --out benchmarks/results/mnist_scenes_validation_round2.json [--variants base bidir] [--collect]
 
 Round 1 (``benchmarks/results/mnist_scenes_validation.json``) compared edits of the file as it was then
-(plain byte captions, width 96): BPE captions and width 128 (``bpe_d128``), plus shift-2 augmentation
+(plain byte captions, width 192): BPE captions and width 128 (``bpe_d128``), plus shift-2 augmentation
 of image->text scenes and FSQ code features (``bpe_d128_shift2_features``, the winner, which became the
 file) and the same at width 192; each variant's whole config is in that JSON.
 
@@ -71,6 +72,7 @@ VARIANTS = {
     "bidir": [_paradigm(cond_attention="bidirectional")],
     "bidir_cap2": [_paradigm(cond_attention="bidirectional"), _loss_weight("caption", 2.0)],
     "bidir_d192": [_paradigm(cond_attention="bidirectional"), _backbone(dim=192, heads=6)],
+    "cap2": [_loss_weight("caption", 2.0)],
 }
 
 

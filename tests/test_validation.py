@@ -172,7 +172,9 @@ def test_cli_eval_reports_the_kept_weights(tmp_path, text_dir):
     assert main(["eval", str(tmp_path / "t"), "--device", "cpu", "--no-compressors"]) == 0
     res = json.loads((tmp_path / "t" / "eval.json").read_text())
     assert res["checkpoint"].startswith(f"{BEST_DIR}/step_")
-    assert res["bits_per_byte"] == pytest.approx(summary["bits_per_byte"], rel=1e-5)
+    # 1e-4: under bf16 autocast (precision auto on a CPU with native bf16) a fresh process may sum in
+    # another order (seen on an AMX CPU: 1.1e-5 apart)
+    assert res["bits_per_byte"] == pytest.approx(summary["bits_per_byte"], rel=1e-4)
     assert main(["eval", str(tmp_path / "t"), "--device", "cpu", "--no-compressors", "--last",
                  "--out", str(tmp_path / "last.json")]) == 0
     assert json.loads((tmp_path / "last.json").read_text())["checkpoint"].startswith("checkpoints/step_")

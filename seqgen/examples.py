@@ -165,7 +165,8 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
                 vals.append(v.float() if v is not None else torch.zeros(len(a), C))
         offset = nxt
     return Flat(ids=torch.cat(ids), pos=torch.cat(pos), modality=torch.cat(mod), target=torch.cat(tgt),
-                units=torch.cat(units), piece=torch.cat(pidx), cond=torch.cat(conds), values=torch.cat(vals) if C is not None else None)
+                units=torch.cat(units), piece=torch.cat(pidx), cond=torch.cat(conds),
+                values=torch.cat(vals) if C is not None else None)
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:

@@ -186,9 +186,9 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
     first = fields[0][:, :1]
     tp = torch.cat([p_pos[:, 1:], first], 1)
     prompt = TokenSequence(ids=p_ids, values=p_vals, pos=p_pos, modality=p_mod, valid=p_valid)
-    return Plan(prompt=prompt, prompt_target_pos=tp, prompt_group=p_group, slot_pos=fields[0], slot_mod=fields[1], slot_kind=fields[2],
-                slot_forced=fields[3], slot_target=fields[4], slot_index=fields[5], slot_var=var, end_slot=end_slot,
-                n_slots=n_slots, targets=targets, guided=guided)
+    return Plan(prompt=prompt, prompt_target_pos=tp, prompt_group=p_group, slot_pos=fields[0], slot_mod=fields[1],
+                slot_kind=fields[2], slot_forced=fields[3], slot_target=fields[4], slot_index=fields[5], slot_var=var,
+                end_slot=end_slot, n_slots=n_slots, targets=targets, guided=guided)
 
 
 def outputs(plan: Plan, b: int, j: int) -> TokenSequence:

@@ -154,7 +154,7 @@ class AutoRegressive:
         t = stack_rows(rows, pad={"loss_mask": False, "group": -1})
         inputs = TokenSequence(ids=t["ids"], values=t.get("values"), pos=t["pos"], modality=t["modality"],
                                valid=t["valid"], segment=t["doc"] if pack else None)
-        mask = self._causal(t["group"])
+        mask = self._attention(t["group"])
         if pack:
             mask = same_document(t["doc"]) & mask
         return Batch(inputs=inputs, targets=t["targets"], target_modality=t["target_modality"],
@@ -162,7 +162,9 @@ class AutoRegressive:
                      units=t["units"], doc=t["doc"], target_pos=t["target_pos"] if self.needs_target_pos else None,
                      null_cond=null_cond)
 
-    def _causal(self, group: Tensor) -> MaskSpec:
+    def _attention(self, group: Tensor) -> MaskSpec:
+        """causal, or causal | within(group) for bidirectional conditions (group: the condition piece of
+        each token, -1 elsewhere)."""
         if self.config.cond_attention == "bidirectional" and bool((group >= 0).any()):
             return causal() | within(group)
         return causal()
@@ -170,7 +172,7 @@ class AutoRegressive:
     # ------------------------------------------------------------------ sampling
     def prompt_mask(self, plan: Plan) -> MaskSpec:
         """The attention pattern of the prompt's prefill (the same as in training)."""
-        return self._causal(plan.prompt_group)
+        return self._attention(plan.prompt_group)
 
     def generation_orders(self, plan_targets: list, order: str, generator=None) -> list | None:
         """Per row and target: a random permutation of a fixed-length target's tokens (order=random)."""

@@ -4,7 +4,7 @@ import torch
 
 from seqgen.masks import (KeyValid, block_causal, block_mask_cache_info, causal, compile_mask, full, prefix,
                           same_document, sliding_window)
-from seqgen.ops.attention import attention, available_impls
+from seqgen.ops.attention import attention, available_impls, resolve_impl
 from seqgen.types import SeqgenError
 
 B, L = 2, 13
@@ -161,6 +161,19 @@ def test_unknown_impl_and_listing():
         attention(q, k, v, compile_mask(causal(), batch_size=B, q_len=L, kv_len=L), impl="nope")
     impls = available_impls()
     assert impls["ref"] == "yes" and impls["sdpa"] == "yes" and "flex" in impls
+
+
+def test_auto_picks_math_only_for_cpu_bf16_training():
+    cpu = torch.device("cpu")
+    assert resolve_impl("auto", cpu) == "sdpa"
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert resolve_impl("auto", cpu) == "math"
+        with torch.no_grad():  # sampling and evaluation keep the fused kernel
+            assert resolve_impl("auto", cpu) == "sdpa"
+        assert resolve_impl("sdpa", cpu) == "sdpa"  # an explicit choice is kept
+    with torch.autocast("cpu", dtype=torch.float16):
+        assert resolve_impl("auto", cpu) == "sdpa"
+    assert resolve_impl("auto", torch.device("meta")) == "sdpa"
 
 
 @pytest.mark.gpu

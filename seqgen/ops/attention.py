@@ -8,7 +8,10 @@ Implementations (``attn_impl``):
            than the fused CPU flash kernel, whose backward is slow there (benchmarks/bench_attention.py)
     flex   FlexAttention with a cached BlockMask (compiled on GPU; forward-only on CPU, a torch limit)
     flash_attn  the flash-attn package, when installed (causal or full masks only)
-    auto   sdpa
+    auto   sdpa, except while training on a CPU under bf16 autocast: math there (the fused CPU flash
+           kernel's bf16 backward is the slow part of a step: 1.3-1.5x slower steps for digits_ar,
+           shakespeare_bytes and mnist_scenes on the AMX CPU of BENCHMARKS.md; under float32 sdpa is
+           as fast or faster)
 
 q: (B, H, Lq, d); k, v: (B, Hkv, Lk, d) with H a multiple of Hkv (grouped-query attention).
 """
@@ -33,6 +36,10 @@ IMPLS = ("ref", "sdpa", "math", "flex", "flash_attn")
 
 def resolve_impl(impl: str, device: torch.device | None = None) -> str:
     if impl == "auto":
+        on_cpu = device is not None and torch.device(device).type == "cpu"
+        if on_cpu and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu") \
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16:
+            return "math"
         return "sdpa"
     if impl not in IMPLS:
         raise SeqgenError(f"unknown attention implementation {impl!r}; known: auto, {', '.join(IMPLS)}")
@@ -141,4 +148,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, mask: CompiledMask, impl: str = "
     """Dispatch to one implementation.  Shapes: q (B, H, Lq, d), k/v (B, Hkv, Lk, d) -> (B, H, Lq, d)."""
     if q.shape[1] % k.shape[1]:
         raise SeqgenError(f"query heads ({q.shape[1]}) must be a multiple of key/value heads ({k.shape[1]})")
-    return _DISPATCH[resolve_impl(impl)](q, k, v, mask, scale)
+    return _DISPATCH[resolve_impl(impl, q.device)](q, k, v, mask, scale)

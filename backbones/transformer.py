@@ -99,9 +99,11 @@ class Transformer(nn.Module):
         """dropout on the backbone's input (token + condition embeddings), as in GPT-2"""
         rope_base: float = 10000.0
         rope_split: tuple[float, float, float] = (1.0, 1.0, 1.0)
-        """how many rotary frequencies each coordinate axis (t, h, w) gets, as weights"""
+        """how many rotary frequencies each coordinate axis (t, h, w) gets, as weights.  An axis that is
+        constant inside every segment (the channel axis of an image tokenized one code per cell) can get 0:
+        its frequencies go to the others, and 1-D text, at (i, i, i), keeps ordinary RoPE either way"""
         attn_impl: str = "auto"
-        """ref | sdpa | flex | flash_attn | auto"""
+        """ref | sdpa | math | flex | flash_attn | auto (seqgen.ops.attention)"""
         norm_eps: float = 1e-6
 
         @classmethod

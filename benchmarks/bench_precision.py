@@ -1,5 +1,6 @@
-"""CPU training step of examples/configs/shakespeare_bytes.yaml under 32-true and bf16-mixed, with the
-fused (``sdpa``) and composite (``math``) attention, and what ``train.precision: auto`` picks here.
+"""CPU training step of a run config (default: examples/configs/shakespeare_bytes.yaml) under 32-true and
+bf16-mixed, with the fused (``sdpa``) and composite (``math``) attention, and what ``train.precision: auto``
+picks here.
 
 The model, batches, optimizer (AdamW on the trainer's parameter groups) and gradient clipping are the
 config's; bf16-mixed is bf16 autocast around the forward with float32 weights, as Fabric runs it.  The
@@ -96,7 +97,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, capability {cpu_capability()}, {torch.get_num_threads()} threads, "
           f"load average {os.getloadavg()[0]:.2f}; CPU flags: "
           + ", ".join(f"{f} {'yes' if v else 'no'}" for f, v in cpu.items()))
-    print(f"shakespeare_bytes model ({sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters), "
+    print(f"{RunConfig.from_dict(base).name} model ({sum(p.numel() for p in task.model.parameters()) / 1e6:.2f}M parameters), "
           f"batch {tcfg.batch_size}, {tokens} tokens a step")
     print_table(rows, ["precision", "attn_impl", "s_per_step", "best_s", "vs_32_sdpa", "tokens_per_s"])
     print(f'resolve_precision("auto", "cpu") -> {auto} ({reason})')

@@ -83,6 +83,20 @@ def test_tokenizer_shapes_padding_and_range():
     assert torch.equal(tk.encode(x[:1]), codes[:1])  # a code depends on its own image only
 
 
+
+def test_encode_in_slices_equals_one_batch(monkeypatch):
+    """FSQTokenizer.encode runs the encoder in slices of ENCODE_SLICE images: the codes are those of one
+    batch, for a batch that is not a multiple of the slice, and for an empty one"""
+    import seqgen.domains.tokenizers.fsq as fsq
+
+    tk = FSQTokenizer(FSQTokenizer.Config(patch=2, levels=[5, 5, 5], width=8), height=6, width=6).eval()
+    x = torch.rand(11, 6, 6, generator=torch.Generator().manual_seed(1))
+    monkeypatch.setattr(fsq, "ENCODE_SLICE", 4)
+    sliced = tk.encode(x)
+    z = tk.encoder(tk._pad(x.unsqueeze(1))).permute(0, 2, 3, 1)
+    assert torch.equal(sliced, tk.quantizer(z)[1])
+    assert tk.encode(x[:0]).shape == (0, 3, 3)
+
 def test_tokenizer_rejects_bad_input():
     tk = FSQTokenizer(FSQTokenizer.Config.tiny(), height=8, width=8, channels=1)
     with pytest.raises(SeqgenError, match=r"\(N, 8, 8, 1\)"):

@@ -160,6 +160,9 @@ class Decoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ tokenizer
+ENCODE_SLICE = 128
+"""images per encoder call inside ``FSQTokenizer.encode``"""
+
 @register_tokenizer("fsq")
 class FSQTokenizer(nn.Module):
     """Images (N, H, W, C) in [0, 1] <-> codes (N, h, w) in 0 .. prod(levels) - 1.
@@ -267,8 +270,12 @@ class FSQTokenizer(nn.Module):
         x = self._check_images(images)
         if x.numel() and (not torch.isfinite(x).all() or x.min() < 0 or x.max() > 1):
             raise SeqgenError(f"fsq: image values must be finite and in [0, 1]; got range [{float(x.min())}, {float(x.max())}]")
-        z = self.encoder(self._pad(x.to(self.geometry.device, torch.float32))).permute(0, 2, 3, 1)
-        return self.quantizer(z)[1].to(images.device)
+        x = self._pad(x.to(self.geometry.device, torch.float32))
+        # in slices: the full-resolution activations of a slice stay in the CPU's cache (on a 2-core CPU
+        # 0.3 ms per 32x32 image in slices of 128 against 0.5-0.7 ms in one batch of 512)
+        z = torch.cat([self.encoder(x[i:i + ENCODE_SLICE]) for i in range(0, len(x), ENCODE_SLICE)]) \
+            if len(x) else self.encoder(x)
+        return self.quantizer(z.permute(0, 2, 3, 1))[1].to(images.device)
 
     @torch.no_grad()
     def decode(self, codes: Tensor) -> Tensor:

@@ -59,7 +59,7 @@ class CategoricalHead(nn.Module):
             logits, targets, reduction="none", label_smoothing=self.config.label_smoothing)
         loss = loss.mean() if loss.numel() else logits.sum() * 0
         if self.config.z_loss:
-            loss = loss + self.config.z_loss * torch.logsumexp(logits, -1).pow(2).mean()
+            loss = loss + self.config.z_loss * (torch.logsumexp(logits, -1).pow(2).mean() if len(logits) else 0)
         return loss, {"nll_sum": nll.detach().sum(), "count": torch.tensor(nll.numel(), device=h.device)}
 
     def sample(self, h: Tensor, *, generator: torch.Generator | None = None, temperature: float = 1.0,

@@ -42,7 +42,7 @@ class TrainConfig:
     batch_size: int = 64
     """examples per micro-batch (per device)"""
     grad_accum: int = 1
-    """micro-batches per optimizer step"""
+    """micro-batches per optimizer step (each head's token mean is over the whole step: one large batch exactly)"""
     pack: int = 0
     """0: one example per row, padded; n > 0: pack examples into rows of n tokens (a same_document mask,
     coordinates restarting per example; the loss of every example is unchanged)"""
@@ -89,7 +89,8 @@ class TrainConfig:
     threads: int = 0
     """CPU threads for torch (0: torch's default)"""
     compile: bool = False
-    """torch.compile the model (GPU)"""
+    """torch.compile the training objective (GPU; on CPU too where a C++ compiler works, else trains
+    eagerly and says so). The compile time is part of a time-budgeted run's budget"""
 
 
 @dataclass

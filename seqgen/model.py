@@ -142,14 +142,24 @@ class SeqModel(nn.Module):
         kwargs = {"attn_impl": attn_impl} if attn_impl is not None else {}
         return self.backbone(x, pos=seq.pos, mask=mask, cache=cache, valid=seq.valid if padded else None, **kwargs)
 
-    def loss(self, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Token-mean loss over ``batch.loss_mask``; metrics hold per-domain NLL sums (nats) and counts."""
+    def loss(self, batch: Batch, denominators: dict[str, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Token-mean loss over ``batch.loss_mask``; metrics hold per-domain NLL sums (nats) and counts.
+        ``denominators`` (domain -> target tokens of the whole optimizer step, ``target_counts`` summed
+        over its micro-batches) turns each head's mean into this micro-batch's share of the step's mean,
+        so that the micro-batch losses of one step add up to the loss of one large batch exactly."""
         h = self(batch.inputs, mask=batch.mask, target_pos=batch.target_pos)
-        return self.loss_from_hidden(h, batch)
+        return self.loss_from_hidden(h, batch, denominators)
 
-    def loss_from_hidden(self, h: Tensor, batch: Batch) -> tuple[Tensor, dict[str, Tensor]]:
-        """Sum over heads of weight x (token-mean loss of that head).  Metrics per domain: NLL sum
-        (nats), token count, and raw units (when the batch carries them)."""
+    def target_counts(self, batch: Batch) -> dict[str, int]:
+        """Target tokens per domain with a head (what each head's token mean divides by)."""
+        return {s.name: int((batch.loss_mask & (batch.target_modality == k)).sum())
+                for k, s in enumerate(self.specs) if s.name in self.heads}
+
+    def loss_from_hidden(self, h: Tensor, batch: Batch,
+                         denominators: dict[str, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Sum over heads of weight x (token-mean loss of that head), or with ``denominators`` of weight x
+        (this batch's share of the step's token mean).  Metrics per domain: NLL sum (nats), token count,
+        and raw units (when the batch carries them)."""
         total, any_head, metrics = h.new_zeros(()), False, {}
         for k, s in enumerate(self.specs):
             if s.name not in self.heads:
@@ -162,6 +172,8 @@ class SeqModel(nn.Module):
             else:
                 targets = batch.targets[sel]
             loss_k, m = self.heads[s.name].loss(h[sel], targets)
+            if denominators is not None:
+                loss_k = loss_k * (m["count"] / max(int(denominators.get(s.name, 0)), 1))
             total = total + self.loss_weights[s.name] * loss_k
             any_head = True
             metrics[f"{s.name}/nll_sum"] = m["nll_sum"]

@@ -45,8 +45,8 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch) -> tuple[Tensor, dict]:
-        return self.model.loss(batch)
+    def forward(self, batch, denominators: dict[str, int] | None = None) -> tuple[Tensor, dict]:
+        return self.model.loss(batch) if denominators is None else self.model.loss(batch, denominators)
 
 
 # ---------------------------------------------------------------------------------------- records

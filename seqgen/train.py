@@ -46,6 +46,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def compile_works(device: torch.device, report=print) -> bool:
+    """Whether ``torch.compile`` can build kernels here: on CPU, Inductor needs a working C++ compiler.
+    A tiny function is compiled and run once (a few seconds); where that fails, training goes on eagerly
+    and says why (a config with ``train.compile: true`` still trains on a laptop without a compiler)."""
+    try:
+        f = torch.compile(lambda x: torch.sin(x) * 2 + 1, dynamic=False)
+        x = torch.linspace(0, 1, 8, device=device)
+        ok = torch.allclose(f(x), torch.sin(x) * 2 + 1)
+    except Exception as err:  # noqa: BLE001 - any failure to build means: do not compile
+        report(f"train.compile: torch.compile does not work on {device.type} here ({type(err).__name__}: "
+               f"{str(err).strip().splitlines()[0][:200] if str(err).strip() else 'no message'}); training uncompiled")
+        return False
+    if not ok:
+        report(f"train.compile: a compiled probe disagreed with eager on {device.type}; training uncompiled")
+    return ok
+
+
 def lr_lambda(warmup: int, total: int, min_ratio: float):
     """Linear warmup to 1, then cosine decay to min_ratio at ``total`` steps."""
     def f(step: int) -> float:
@@ -174,9 +191,11 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
 
 # ---------------------------------------------------------------------------------- the loop
 def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress_bar: bool = True, stop_after: int | None = None) -> dict:
+          progress_bar: bool = True, stop_after: int | None = None, heldout: bool = True) -> dict:
     """Train ``cfg`` into ``run_dir``.  ``stop_after`` ends the process's loop early at that step (after
-    checkpointing), as a kill would: tests use it to check that resuming lands on the same curve."""
+    checkpointing), as a kill would: tests use it to check that resuming lands on the same curve.
+    ``heldout=False`` skips the final held-out evaluation (scripts that choose a config on the
+    validation split must not read the held-out split at all)."""
     from .task import Objective, build_task
 
     run_dir = Path(run_dir)
@@ -219,7 +238,7 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
     opt = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2),
                             fused=fabric.device.type == "cuda" or None)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(t.warmup_steps, t.steps, t.min_lr_ratio))
-    if t.compile:
+    if t.compile and compile_works(fabric.device, fabric.print):
         objective = torch.compile(objective)
     objective, opt = fabric.setup(objective, opt)
     sampler = task.train_sampler(t.batch_size, cfg.seed, fabric.global_rank, fabric.world_size)
@@ -320,12 +339,22 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
         else:
             progress = step / max(1, t.steps)
         loss_sum = 0.0
-        for micro in range(t.grad_accum):
-            batch = task.make_batch(sampler.next(), generator=g, progress=progress).to(fabric.device)
+        micro_batches = [task.make_batch(sampler.next(), generator=g, progress=progress).to(fabric.device)
+                         for _ in range(t.grad_accum)]
+        # gradient accumulation: each head's token mean is over the whole step's tokens of its domain (the
+        # micro-batches of a mixture hold different shares of each domain), so the step is one large batch
+        # (a model without per-domain heads, like a tokenizer, averages its micro-batch means)
+        denominators, share = None, 1.0 / t.grad_accum
+        if t.grad_accum > 1 and hasattr(model, "target_counts"):
+            denominators, share = {}, 1.0
+            for b in micro_batches:
+                for name, n in model.target_counts(b).items():
+                    denominators[name] = denominators.get(name, 0) + n
+        for micro, batch in enumerate(micro_batches):
             with fabric.no_backward_sync(objective, enabled=micro < t.grad_accum - 1):
-                loss, metrics = objective(batch)
-                fabric.backward(loss / t.grad_accum)
-            loss_sum += float(loss.detach()) / t.grad_accum
+                loss, metrics = objective(batch) if denominators is None else objective(batch, denominators)
+                fabric.backward(loss * share)
+            loss_sum += float(loss.detach()) * share
             seen_tokens += task.count_tokens(batch) * fabric.world_size
         if not math.isfinite(loss_sum):
             raise SeqgenError(f"training diverged: loss is {loss_sum} at step {step}; lower train.lr or raise warmup")
@@ -385,8 +414,9 @@ def train(cfg: RunConfig, run_dir: str | Path, *, resume: bool = False, overwrit
             # the held-out score of the weights `seqgen eval` and `seqgen sample` will use
             summary.update(best_step=best["step"], best_val_nll=best["val_nll"])
             best_weights = read_weights(latest_checkpoint(run_dir, BEST_DIR) / "model.safetensors")
-            res.update(evaluate(0, "heldout", weights=best_weights))
-        else:
+            if heldout:
+                res.update(evaluate(0, "heldout", weights=best_weights))
+        elif heldout:
             res.update(evaluate(0))
         summary.update({k.removeprefix("eval_"): v for k, v in res.items()})
         if logger is not None and res:

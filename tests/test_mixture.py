@@ -117,6 +117,61 @@ def test_mixture_draws_entries_by_weight_and_resumes_the_same_draws():
     assert int(m["image/count"]) == 64 * n_a and int(m["label/count"]) == 32 - n_a
 
 
+def test_accumulated_micro_batches_of_a_mixture_give_the_gradient_of_one_large_batch():
+    """Gradient accumulation over micro-batches that hold different shares of each domain (24 draws
+    mostly of A, then 8 of B): with the step's per-domain token counts as denominators, the summed
+    micro-batch losses and gradients equal one large batch's; halving each micro-batch's own token mean
+    (what accumulation did before) does not."""
+    cfg = RunConfig.from_dict(two_way_config(weights=(1.0, 1.0), paradigm={"name": "ar", "cond_dropout": 0.0}))
+    torch.manual_seed(0)
+    task = GenerativeTask(cfg)
+    model = task.model
+    draw = sorted(task.train_sampler(32, seed=0).next())
+    parts = [draw[:24], draw[24:]]
+    assert {e for e, _ in parts[1]} == {1} and sum(e == 1 for e, _ in parts[0]) > 0
+
+    def make(d):
+        return task.make_batch(d, generator=torch.Generator().manual_seed(0))
+
+    def grads(backward) -> tuple[list[torch.Tensor], float]:
+        model.zero_grad(set_to_none=True)
+        loss = backward()
+        return [p.grad.clone() for p in model.parameters() if p.grad is not None], loss
+
+    def big():
+        loss, _ = model.loss(make(draw))
+        loss.backward()
+        return float(loss.detach())
+
+    batches = [make(d) for d in parts]
+    den = {k: sum(model.target_counts(b)[k] for b in batches) for k in ("image", "label")}
+    assert den == model.target_counts(make(draw))
+
+    def accumulated():
+        total = 0.0
+        for b in batches:
+            loss, _ = model.loss(b, den)
+            loss.backward()
+            total += float(loss.detach())
+        return total
+
+    def halved():
+        total = 0.0
+        for b in batches:
+            loss, _ = model.loss(b)
+            (loss / 2).backward()
+            total += float(loss.detach()) / 2
+        return total
+
+    g_big, l_big = grads(big)
+    g_acc, l_acc = grads(accumulated)
+    g_half, l_half = grads(halved)
+    assert l_acc == pytest.approx(l_big, rel=1e-5)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(g_acc, g_big))
+    assert abs(l_half - l_big) > 1e-2 * l_big
+    assert not all(torch.allclose(a, b, rtol=1e-2, atol=1e-5) for a, b in zip(g_half, g_big))
+
+
 def _curve(run_dir) -> list[tuple[int, float]]:
     import csv
 

@@ -11,10 +11,20 @@ validation bits per byte.
     python benchmarks/shakespeare_validation.py --time_limit 520 \
         --out benchmarks/results/shakespeare_bytes_validation_avx2.json
 
-Rounds so far:
+Rounds so far (each JSON keeps every variant's whole config):
 
-* ``shakespeare_bytes_validation_avx2.json`` (AVX2-only CPU, float32, 520 s each): the file then
-  (192 wide x 4 layers), 128 x 4, 128 x 4 compiled, 128 x 6 compiled, 96 x 4 compiled; see BENCHMARKS.md.
+* Round 1, ``shakespeare_bytes_validation_avx2.json`` (AVX2-only CPU, float32, 520 s each, trained alone):
+  the file then (``base``: 192 wide x 4 layers) 723 steps, val 2.234; ``d128`` (128 x 4) 1,673 steps, 2.037;
+  ``d128_compile`` (``train.compile``: about a minute of compiling inside the budget, then no faster
+  than eager) 1,526 steps, 2.093; ``d128_l6`` 752 steps, 2.263.  The machine's speed swung about 2x
+  during the round (d128 ran 16k bytes/s for 1,200 steps, then 8-9k), so a timed comparison there is
+  partly a draw of the machine's load.
+* Round 2, ``shakespeare_bytes_validation_avx2_steps.json``: counted steps, two variants at a time with one
+  thread each (quality does not depend on the machine's speed), at equal compute: what the CPU's slow
+  phase (~9k bytes/s for width 128) trains in ~540 s, and a narrower model steps in proportion to its
+  measured speed (width 96: ~1.5x).  ``s_d128`` 1,200 steps 2.136, ``s_d128_lr5`` (lr 5e-3) 2.153,
+  ``s_d128_b64`` (batch 64, 600 steps) 2.178, ``s_d96`` (96 x 4, 1,850 steps) **2.080**: the file is now
+  width 96.
 """
 from __future__ import annotations
 
@@ -41,9 +51,6 @@ VARIANTS: dict[str, dict] = {
     "base": {},
     "d128": {"backbone.dim": 128, "backbone.heads": 4},
     "d128_compile": {"backbone.dim": 128, "backbone.heads": 4, "train.compile": True},
-    "d128_l6_compile": {"backbone.dim": 128, "backbone.heads": 4, "backbone.layers": 6, "train.compile": True},
-    "d96_compile": {"backbone.dim": 96, "backbone.heads": 4, "train.compile": True},
-    "d192_compile": {"train.compile": True},
     "d128_l6": {"backbone.dim": 128, "backbone.heads": 4, "backbone.layers": 6},
     # round 2: counted steps (what the AVX2 CPU's slow phases, ~9k bytes/s for d128, fit in ~540 s), so
     # that the machine's speed swings do not decide; a smaller model gets steps in proportion to its speed
@@ -51,6 +58,10 @@ VARIANTS: dict[str, dict] = {
     "s_d128_lr5": {"backbone.dim": 128, "backbone.heads": 4, "train.lr": 5.0e-3, **STEPS(1200)},
     "s_d128_b64": {"backbone.dim": 128, "backbone.heads": 4, "train.batch_size": 64, **STEPS(600)},
     "s_d96": {"backbone.dim": 96, "backbone.heads": 4, **STEPS(1850)},
+    # round 3: the same compute as s_d96's 1,850 steps, steps scaled by measured seconds per step
+    # (width 64: 0.22 s, 6 layers of 96: 0.365 s, against 0.31 s for 4 of 96, 2 threads)
+    "s_d64": {"backbone.dim": 64, "backbone.heads": 4, **STEPS(2600)},
+    "s_d96_l6": {"backbone.dim": 96, "backbone.heads": 4, "backbone.layers": 6, **STEPS(1570)},
 }
 
 

@@ -25,6 +25,11 @@ Rounds so far (each JSON keeps every variant's whole config):
   measured speed (width 96: ~1.5x).  ``s_d128`` 1,200 steps 2.136, ``s_d128_lr5`` (lr 5e-3) 2.153,
   ``s_d128_b64`` (batch 64, 600 steps) 2.178, ``s_d96`` (96 x 4, 1,850 steps) **2.080**: the file is now
   width 96.
+* Round 3 (same JSON): ``s_d64`` (64 x 4, 2,600 steps) **2.048**, ``s_d96_l6`` (96 x 6, 1,570 steps) 2.047, steps
+  scaled by a quick 2-thread timing (0.22 / 0.365 s against 0.31 s a step).  The runs' own speeds (bytes/s,
+  in the JSON, paired on one thread each) say both got more than equal compute, 6 layers far more: d96 x 6
+  ran 1.52x slower than d96 x 4 (equal compute ~1,215 steps, not 1,570), d64 1.28x faster (~2,365, not
+  2,600).  So the tie goes to width 64, which became the file.
 """
 from __future__ import annotations
 

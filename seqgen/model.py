@@ -152,8 +152,12 @@ class SeqModel(nn.Module):
 
     def target_counts(self, batch: Batch) -> dict[str, int]:
         """Target tokens per domain with a head (what each head's token mean divides by)."""
-        return {s.name: int((batch.loss_mask & (batch.target_modality == k)).sum())
-                for k, s in enumerate(self.specs) if s.name in self.heads}
+        return {s.name: int(self._selects(batch, k).sum()) for k, s in enumerate(self.specs) if s.name in self.heads}
+
+    @staticmethod
+    def _selects(batch: Batch, k: int) -> Tensor:
+        """Positions whose target is counted for domain ``k``."""
+        return batch.loss_mask & (batch.target_modality == k)
 
     def loss_from_hidden(self, h: Tensor, batch: Batch,
                          denominators: dict[str, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
@@ -164,7 +168,7 @@ class SeqModel(nn.Module):
         for k, s in enumerate(self.specs):
             if s.name not in self.heads:
                 continue
-            sel = batch.loss_mask & (batch.target_modality == k)
+            sel = self._selects(batch, k)
             if s.vocab_size is None:
                 if batch.target_values is None:
                     raise SeqgenError(f"domain {s.name!r} is continuous but the batch has no value targets")

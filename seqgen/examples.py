@@ -24,6 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -125,12 +126,16 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
     order: per piece, an optional permutation of its tokens (random-order AR); coordinates stay the
     tokens' true ones.
     """
-    ids, pos, mod, tgt, units, pidx, vals, conds = [], [], [], [], [], [], [], []
     C = {p.values.shape[-1] for p in pieces if p.values is not None}
     if len(C) > 1:
         raise SeqgenError(f"continuous segments of one example must share a width; got {sorted(C)}")
     C = C.pop() if C else None
-    offset = 0
+    # one pass of plain Python over the pieces, then a few whole-example tensor ops (this runs for every
+    # training example: per-token work stays out of the loop)
+    data = []  # (start, piece tensors) of each piece's own tokens
+    specials = []  # (index, id, coordinate, is_target) of begin / end tokens
+    runs = []  # (length, modality, is_target, piece, is_cond) of consecutive tokens sharing these
+    offset, T = 0, 0
     for j, p in enumerate(pieces):
         spec = specs[p.modality]
         pid, ppos, punits, pval = p.ids, p.pos, p.units, p.values
@@ -138,35 +143,42 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
             o = order[j]
             pid, ppos, punits = pid[o], ppos[o], punits[o]
             pval = None if pval is None else pval[o]
-        n = len(pid)
-        is_target = p.role == "target"
+        n = int(pid.shape[0])
+        is_target, is_cond = p.role == "target", p.role == "cond"
         if p.open:
-            local = ppos + offset
-            parts = [(pid, local, torch.full((n,), is_target), punits, pval)]
-            nxt = int(local.max()) + 1 if n else offset
+            data.append((T, pid, ppos, offset, punits, pval))
+            top = int(ppos.max()) + offset if n else offset - 1
+            runs.append((n, p.modality, is_target, j, is_cond))
+            T += n
+            offset = top + 1
         else:
-            local = ppos + offset + 1
-            top = int(local.max()) if n else offset
-            begin = torch.full((1, NUM_AXES), offset, dtype=torch.long)
-            end = torch.full((1, NUM_AXES), top + 1, dtype=torch.long)
-            parts = [(torch.tensor([spec.begin_id]), begin, torch.zeros(1, dtype=torch.bool), torch.zeros(1), None),
-                     (pid, local, torch.full((n,), is_target), punits, pval),
-                     (torch.tensor([spec.end_id]), end, torch.tensor([is_target and p.variable]), torch.zeros(1), None)]
-            nxt = top + 2
-        for a, b, c, d, v in parts:
-            ids.append(a.long())
-            pos.append(b)
-            tgt.append(c)
-            units.append(d.float())
-            mod.append(torch.full((len(a),), p.modality, dtype=torch.long))
-            pidx.append(torch.full((len(a),), j, dtype=torch.long))
-            conds.append(torch.full((len(a),), p.role == "cond"))
-            if C is not None:
-                vals.append(v.float() if v is not None else torch.zeros(len(a), C))
-        offset = nxt
-    return Flat(ids=torch.cat(ids), pos=torch.cat(pos), modality=torch.cat(mod), target=torch.cat(tgt),
-                units=torch.cat(units), piece=torch.cat(pidx), cond=torch.cat(conds),
-                values=torch.cat(vals) if C is not None else None)
+            top = int(ppos.max()) + offset + 1 if n else offset
+            specials.append((T, spec.begin_id, offset, False))
+            data.append((T + 1, pid, ppos, offset + 1, punits, pval))
+            specials.append((T + 1 + n, spec.end_id, top + 1, is_target and p.variable))
+            runs += [(1, p.modality, False, j, is_cond), (n, p.modality, is_target, j, is_cond),
+                     (1, p.modality, is_target and p.variable, j, is_cond)]
+            T += n + 2
+            offset = top + 2
+    ids = torch.empty(T, dtype=torch.long)
+    pos = torch.empty(T, NUM_AXES, dtype=torch.long)
+    units = torch.zeros(T)
+    values = torch.zeros(T, C) if C is not None else None
+    for start, pid, ppos, shift, punits, pval in data:
+        n = int(pid.shape[0])
+        ids[start:start + n] = pid
+        torch.add(ppos, shift, out=pos[start:start + n])
+        units[start:start + n] = punits
+        if pval is not None:
+            values[start:start + n] = pval
+    if specials:
+        sp = torch.from_numpy(np.array(specials, dtype=np.int64))  # (k, 4)
+        ids[sp[:, 0]] = sp[:, 1]
+        pos[sp[:, 0]] = sp[:, 2:3]
+    runs_np = np.array(runs, dtype=np.int64).reshape(-1, 5)
+    meta = torch.from_numpy(np.repeat(runs_np[:, 1:], runs_np[:, 0], axis=0))  # (T, 4)
+    return Flat(ids=ids, pos=pos, modality=meta[:, 0], target=meta[:, 1].bool(), units=units, piece=meta[:, 2],
+                cond=meta[:, 3].bool(), values=values)
 
 
 def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
@@ -192,19 +204,20 @@ def pack_rows(lengths: list[int], row_length: int) -> list[list[int]]:
 def stack_rows(parts: list[list[dict[str, Tensor]]], pad: dict[str, Any]) -> dict[str, Tensor]:
     """Rows of concatenated per-example field dicts -> padded (B, L, ...) tensors plus ``valid`` and
     ``doc`` (index of the example inside its row; -1 on padding)."""
-    L = max(sum(int(next(iter(p.values())).shape[0]) for p in row) for row in parts)
-    out: dict[str, list[Tensor]] = {k: [] for k in parts[0][0]}
-    valid, doc = [], []
-    for row in parts:
-        n = sum(int(next(iter(p.values())).shape[0]) for p in row)
-        for k in out:
-            t = torch.cat([p[k] for p in row])
-            fill = torch.full((L - n, *t.shape[1:]), pad.get(k, 0), dtype=t.dtype)
-            out[k].append(torch.cat([t, fill]))
-        valid.append(torch.arange(L) < n)
-        doc.append(torch.cat([torch.full((int(next(iter(p.values())).shape[0]),), d, dtype=torch.long)
-                              for d, p in enumerate(row)] + [torch.full((L - n,), -1, dtype=torch.long)]))
-    res = {k: torch.stack(v) for k, v in out.items()}
-    res["valid"] = torch.stack(valid)
-    res["doc"] = torch.stack(doc)
+    first = next(iter(parts[0][0]))
+    sizes = [[int(p[first].shape[0]) for p in row] for row in parts]
+    n = torch.tensor([sum(s) for s in sizes])
+    L = int(n.max())
+    res = {}
+    for k in parts[0][0]:
+        rows = [row[0][k] if len(row) == 1 else torch.cat([p[k] for p in row]) for row in parts]
+        res[k] = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad.get(k, 0))
+    res["valid"] = torch.arange(L).unsqueeze(0) < n.unsqueeze(1)
+    if all(len(s) == 1 for s in sizes):  # one example per row
+        res["doc"] = res["valid"].long() - 1
+    else:
+        doc = torch.full((len(parts), L), -1, dtype=torch.long)
+        for b, s in enumerate(sizes):
+            doc[b, :n[b]] = torch.arange(len(s)).repeat_interleave(torch.tensor(s))
+        res["doc"] = doc
     return res

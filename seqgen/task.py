@@ -80,9 +80,19 @@ class Column:
 
     seq: TokenSequence  # (N, L) local coordinates, valid on real tokens
     units: Tensor  # (N, L)
+    lengths: list[int] | None = field(default=None, init=False)  # per row, when every row's valid tokens come first
+
+    def __post_init__(self) -> None:
+        n = self.seq.valid.sum(1)
+        prefix = torch.arange(self.seq.valid.shape[1]).unsqueeze(0) < n.unsqueeze(1)
+        self.lengths = n.tolist() if bool((prefix == self.seq.valid).all()) else None
 
     def piece(self, i: int, modality: int, role: str, variable: bool) -> Piece:
-        return piece_of(self.seq, self.units, i, modality, role, variable)
+        if self.lengths is None:
+            return piece_of(self.seq, self.units, i, modality, role, variable)
+        n, s = self.lengths[i], self.seq  # padding at the end: the row's first n tokens, as views
+        return Piece(modality, s.ids[i, :n], s.pos[i, :n], self.units[i, :n], role=role,
+                     values=None if s.values is None else s.values[i, :n], variable=variable)
 
 
 @dataclass

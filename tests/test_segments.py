@@ -64,6 +64,63 @@ def as_seq(f) -> TokenSequence:
 
 
 # ------------------------------------------------------------------------------ a. flatten
+def flatten_reference(pieces, specs, order=None):
+    """flatten written token by token: the specification the vectorized one must equal."""
+    cols = {k: [] for k in ("ids", "pos", "modality", "target", "units", "piece", "cond", "values")}
+    C = next((p.values.shape[-1] for p in pieces if p.values is not None), None)
+    offset = 0
+    for j, p in enumerate(pieces):
+        idx = order[j] if order is not None and order[j] is not None else torch.arange(p.length)
+        toks = [(int(p.ids[i]), [int(v) for v in p.pos[i]], float(p.units[i]),
+                 None if p.values is None else p.values[i].tolist()) for i in idx.tolist()]
+        if p.open:
+            rows = [(t, [c + offset for c in q], p.role == "target", u, v) for t, q, u, v in toks]
+            offset = max(max(r[1]) for r in rows) + 1 if rows else offset
+        else:
+            body = [(t, [c + offset + 1 for c in q], p.role == "target", u, v) for t, q, u, v in toks]
+            top = max(max(r[1]) for r in body) if body else offset
+            rows = ([(specs[p.modality].begin_id, [offset] * 3, False, 0.0, None)] + body
+                    + [(specs[p.modality].end_id, [top + 1] * 3, p.role == "target" and p.variable, 0.0, None)])
+            offset = top + 2
+        for t, q, tgt, u, v in rows:
+            for k, x in zip(cols, (t, q, p.modality, tgt, u, j, p.role == "cond", v if v is not None else [0.0] * (C or 0))):
+                cols[k].append(x)
+    return {"ids": torch.tensor(cols["ids"]), "pos": torch.tensor(cols["pos"]), "modality": torch.tensor(cols["modality"]),
+            "target": torch.tensor(cols["target"]), "units": torch.tensor(cols["units"]),
+            "piece": torch.tensor(cols["piece"]), "cond": torch.tensor(cols["cond"]),
+            "values": torch.tensor(cols["values"]) if C else None}
+
+
+def test_flatten_equals_the_token_by_token_reference():
+    """Random examples (condition / target / open / variable / continuous pieces, permuted orders, empty
+    pieces) flatten exactly as the token-by-token specification does"""
+    g = torch.Generator().manual_seed(0)
+    specs = [DomainSpec("a", vocab_size=7, pos_axes=2), DomainSpec("b", vocab_size=5), DomainSpec("c", vocab_size=None,
+                                                                                                  value_dim=2)]
+    for trial in range(60):
+        pieces, order = [], []
+        for j in range(int(torch.randint(1, 4, (1,), generator=g))):
+            m = int(torch.randint(0, 3, (1,), generator=g))
+            n = int(torch.randint(0 if trial % 5 else 1, 6, (1,), generator=g))
+            ids = torch.randint(0, specs[m].vocab_size or 1, (n,), generator=g) if m < 2 else torch.full((n,), -1)
+            pos = torch.randint(0, 4, (n, 3), generator=g)
+            values = torch.randn(n, 2, generator=g) if m == 2 else None
+            role = "cond" if bool(torch.rand(1, generator=g) < 0.4) else "target"
+            opened = bool(torch.rand(1, generator=g) < 0.2)
+            pieces.append(Piece(m, ids, pos, torch.rand(n, generator=g), role=role, values=values, open=opened,
+                                variable=role == "target" and bool(torch.rand(1, generator=g) < 0.5)))
+            order.append(torch.randperm(n, generator=g) if bool(torch.rand(1, generator=g) < 0.3) else None)
+        f = flatten(pieces, specs, order)
+        ref = flatten_reference(pieces, specs, order)
+        for k, want in ref.items():
+            got = getattr(f, k)
+            if want is None:
+                assert got is None, k
+            else:
+                assert got.dtype == (torch.float32 if k in ("units", "values") else want.dtype), (k, got.dtype)
+                assert torch.equal(got, want.to(got.dtype).reshape(got.shape)), (trial, k, got, want)
+
+
 def test_flatten_wraps_each_segment_in_begin_and_end():
     txt, img, lab, specs = domains()
     g = torch.Generator().manual_seed(0)

@@ -195,6 +195,30 @@ def test_load_tokenizer_and_the_image_domain(trained):
                                atol=1e-6)
 
 
+def test_repeated_tiles_are_encoded_once_with_the_same_codes(trained, monkeypatch):
+    """The image domain encodes each distinct tokenizer tile once (scenes repeat their digits): the codes
+    equal those of encoding every tile, within one call and across calls, and the encoder sees only the
+    tiles it has not seen before"""
+    run_dir, _ = trained
+    x = heldout_digits()[:40]
+    tk = load_tokenizer(run_dir)
+    reference = tk.encode(torch.from_numpy(x).unsqueeze(-1))  # (40, 4, 4), every tile encoded
+    wide = ImageDomain(ImageDomain.Config(height=8, width=16, tokenizer=str(run_dir)))
+    seen = []
+    encode = wide.tokenizer.encode
+    monkeypatch.setattr(wide.tokenizer, "encode", lambda t: seen.append(len(t)) or encode(t))
+    rng = np.random.default_rng(0)
+    left, right = rng.integers(0, 30, size=50), rng.integers(0, 30, size=50)  # 50 scenes of 30 digits
+    grid = wide.encode(np.concatenate([x[left], x[right]], axis=2)).ids.view(50, 4, 8)
+    assert torch.equal(grid[:, :, :4], reference[left]) and torch.equal(grid[:, :, 4:], reference[right])
+    assert sum(seen) == len(set(left.tolist()) | set(right.tolist())) <= 30  # each distinct digit once
+    seen.clear()
+    grid = wide.encode(np.concatenate([x[35:40], x[:5]], axis=2)).ids.view(5, 4, 8)  # 5 new tiles, 5 known
+    assert torch.equal(grid[:, :, :4], reference[35:40]) and torch.equal(grid[:, :, 4:], reference[:5])
+    assert seen == [5]
+    assert wide.encode(x[:0].reshape(0, 8, 16)).ids.shape == (0, 32)
+
+
 def test_load_tokenizer_explains_what_is_wrong(tmp_path):
     with pytest.raises(SeqgenError, match=r"is not a folder; set the image domain's tokenizer "
                                           r"\(domains.KEY.tokenizer\)"):

@@ -27,6 +27,7 @@ from seqgen.types import DomainSpec, SeqgenError, TokenSequence
 log = logging.getLogger(__name__)
 
 SCANS = ("raster", "column", "diagonal", "tiles")
+TILE_MEMO_MAX = 2_000_000  # distinct tiles whose codes an adapter remembers (about 100 bytes each for 4x4 codes)
 
 
 def scan_order(height: int, width: int, scan: str, tile: tuple[int, int] | None = None) -> Tensor:
@@ -121,6 +122,7 @@ class ImageDomain:
 
         cfg = self.config
         self.tokenizer = tk = load_tokenizer(cfg.tokenizer)
+        self._tile_memo: dict[bytes, Tensor] = {}
         if tk.channels != cfg.channels or cfg.height % tk.height or cfg.width % tk.width:
             raise SeqgenError(f"image: tokenizer {cfg.tokenizer} was trained on {tk.height}x{tk.width}x{tk.channels} "
                               f"images; the domain is {cfg.height}x{cfg.width}x{cfg.channels} (it must be a grid "
@@ -212,14 +214,36 @@ class ImageDomain:
                 q = (q * base).sum(-1, keepdim=True)
             return q
         tk = self.tokenizer
-        t = torch.from_numpy(x)
         th, tw = self.tiles
-        rows = []
-        for i in range(th):
-            cols = [tk.encode(t[:, i * tk.height:(i + 1) * tk.height, j * tk.width:(j + 1) * tk.width])
-                    for j in range(tw)]
-            rows.append(torch.cat(cols, dim=2))
-        return torch.cat(rows, dim=1).unsqueeze(-1)
+        N = x.shape[0]
+        # (N, th, tw, tile_h, tile_w, C): every tokenizer-sized tile, encoded once per distinct content
+        tiles = x.reshape(N, th, tk.height, tw, tk.width, x.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
+        codes = self._encode_tiles(np.ascontiguousarray(tiles).reshape(N * th * tw, tk.height, tk.width, x.shape[-1]))
+        gh, gw = tk.grid
+        codes = codes.view(N, th, tw, gh, gw).permute(0, 1, 3, 2, 4).reshape(N, th * gh, tw * gw)
+        return codes.unsqueeze(-1)
+
+    def _encode_tiles(self, tiles: np.ndarray) -> Tensor:
+        """(n, h, w, C) tokenizer-sized tiles -> (n, gh, gw) codes.  A tile whose exact content was encoded
+        before (in this call or an earlier one, with this tokenizer) reuses its codes: a data set that
+        repeats tiles -- scenes drawn from a few thousand digits, or augmented copies of them -- encodes each
+        distinct tile once.  Tiles are identified by a 128-bit BLAKE2b digest of their bytes."""
+        import hashlib
+
+        memo = self._tile_memo
+        if len(memo) + len(tiles) > TILE_MEMO_MAX:
+            memo.clear()  # bounded memory: start again (the codes are the same either way)
+        keys = [hashlib.blake2b(t.tobytes(), digest_size=16).digest() for t in tiles]
+        missing: dict[bytes, int] = {}
+        for i, k in enumerate(keys):
+            if k not in memo and k not in missing:
+                missing[k] = i
+        if missing:
+            new = self.tokenizer.encode(torch.from_numpy(tiles[list(missing.values())]))
+            memo.update(zip(missing, new))
+        if not keys:
+            return torch.zeros(0, *self.tokenizer.grid, dtype=torch.long)
+        return torch.stack([memo[k] for k in keys])
 
     def encode(self, images) -> TokenSequence:
         """(N, H, W[, C]) floats in [0, 1] -> (N, L) tokens in scan order, local coordinates."""
@@ -228,7 +252,7 @@ class ImageDomain:
     def grid_to_sequence(self, grid: Tensor) -> TokenSequence:
         N = grid.shape[0]
         r, c = self._order[:, 0], self._order[:, 1]
-        ids = grid[:, r, c, :].reshape(N, -1)  # (N, h*w*C') in scan order, channels innermost
+        ids = grid[:, r, c, :].reshape(N, len(r) * grid.shape[-1])  # (N, h*w*C') in scan order, channels innermost
         pos = self.positions().unsqueeze(0).expand(N, -1, -1).clone()
         return TokenSequence.from_ids(ids, pos=pos)
 

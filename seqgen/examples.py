@@ -70,9 +70,11 @@ class Piece:
         return int(self.ids.shape[0])
 
 
-def piece_of(seq, units: Tensor, i: int, modality: int, role: str, variable: bool = False) -> Piece:
-    """Row i of an encoded (N, L) TokenSequence (its valid tokens) as a piece."""
-    v = seq.valid[i]
+def piece_of(seq, units: Tensor, i: int, modality: int, role: str, variable: bool = False,
+             length: int | None = None) -> Piece:
+    """Row i of an encoded (N, L) TokenSequence (its valid tokens) as a piece.  ``length``: the row's valid
+    tokens are its first ``length`` (padding at the end), so the piece holds views instead of copies."""
+    v = seq.valid[i] if length is None else slice(0, length)
     return Piece(modality, seq.ids[i][v], seq.pos[i][v], units[i][v], role=role,
                  values=None if seq.values is None else seq.values[i][v], variable=variable)
 
@@ -132,8 +134,8 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
     C = C.pop() if C else None
     # one pass of plain Python over the pieces, then a few whole-example tensor ops (this runs for every
     # training example: per-token work stays out of the loop)
-    data = []  # (start, piece tensors) of each piece's own tokens
-    specials = []  # (index, id, coordinate, is_target) of begin / end tokens
+    data = []  # (start, ids, pos, coordinate shift, units, values) of each piece's own tokens
+    specials = []  # (index, id, coordinate) of begin / end tokens
     runs = []  # (length, modality, is_target, piece, is_cond) of consecutive tokens sharing these
     offset, T = 0, 0
     for j, p in enumerate(pieces):
@@ -153,9 +155,9 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
             offset = top + 1
         else:
             top = int(ppos.max()) + offset + 1 if n else offset
-            specials.append((T, spec.begin_id, offset, False))
+            specials.append((T, spec.begin_id, offset))
             data.append((T + 1, pid, ppos, offset + 1, punits, pval))
-            specials.append((T + 1 + n, spec.end_id, top + 1, is_target and p.variable))
+            specials.append((T + 1 + n, spec.end_id, top + 1))
             runs += [(1, p.modality, False, j, is_cond), (n, p.modality, is_target, j, is_cond),
                      (1, p.modality, is_target and p.variable, j, is_cond)]
             T += n + 2
@@ -172,7 +174,7 @@ def flatten(pieces: list[Piece], specs: list[DomainSpec], order: list[Tensor | N
         if pval is not None:
             values[start:start + n] = pval
     if specials:
-        sp = torch.from_numpy(np.array(specials, dtype=np.int64))  # (k, 4)
+        sp = torch.from_numpy(np.array(specials, dtype=np.int64))  # (k, 3)
         ids[sp[:, 0]] = sp[:, 1]
         pos[sp[:, 0]] = sp[:, 2:3]
     runs_np = np.array(runs, dtype=np.int64).reshape(-1, 5)

@@ -88,11 +88,8 @@ class Column:
         self.lengths = n.tolist() if bool((prefix == self.seq.valid).all()) else None
 
     def piece(self, i: int, modality: int, role: str, variable: bool) -> Piece:
-        if self.lengths is None:
-            return piece_of(self.seq, self.units, i, modality, role, variable)
-        n, s = self.lengths[i], self.seq  # padding at the end: the row's first n tokens, as views
-        return Piece(modality, s.ids[i, :n], s.pos[i, :n], self.units[i, :n], role=role,
-                     values=None if s.values is None else s.values[i, :n], variable=variable)
+        return piece_of(self.seq, self.units, i, modality, role, variable,
+                        None if self.lengths is None else self.lengths[i])
 
 
 @dataclass

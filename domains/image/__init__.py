@@ -230,6 +230,8 @@ class ImageDomain:
         distinct tile once.  Tiles are identified by a 128-bit BLAKE2b digest of their bytes."""
         import hashlib
 
+        if not len(tiles):
+            return torch.zeros(0, *self.tokenizer.grid, dtype=torch.long)
         memo = self._tile_memo
         if len(memo) + len(tiles) > TILE_MEMO_MAX:
             memo.clear()  # bounded memory: start again (the codes are the same either way)
@@ -241,8 +243,6 @@ class ImageDomain:
         if missing:
             new = self.tokenizer.encode(torch.from_numpy(tiles[list(missing.values())]))
             memo.update(zip(missing, new))
-        if not keys:
-            return torch.zeros(0, *self.tokenizer.grid, dtype=torch.long)
         return torch.stack([memo[k] for k in keys])
 
     def encode(self, images) -> TokenSequence:

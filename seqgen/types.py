@@ -47,12 +47,17 @@ class DomainSpec:
     vocab_size: number of discrete token ids (None if the domain is continuous only)
     value_dim:  C, channels of a continuous token (None if discrete only)
     pos_axes:   1 for text/audio/series, 2 for images, 3 for video or voxels
+    scales:     a multi-scale domain (next-scale prediction, VAR): the (h, w) token grid of every scale,
+                coarse to fine.  Its items are laid out scale after scale, raster order inside a scale,
+                so a segment holds sum(h * w) tokens; a token (i, j) of scale k reads, as its input, the
+                token (i * h_{k-1} // h_k, j * w_{k-1} // w_k) of scale k - 1 (its nearest parent).
     """
 
     name: str
     vocab_size: int | None = None
     value_dim: int | None = None
     pos_axes: int = 1
+    scales: tuple[tuple[int, int], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.vocab_size is None and self.value_dim is None:
@@ -61,6 +66,18 @@ class DomainSpec:
             raise SeqgenError(f"domain {self.name!r}: vocab_size must be >= 1, got {self.vocab_size}")
         if not 1 <= self.pos_axes <= NUM_AXES:
             raise SeqgenError(f"domain {self.name!r}: pos_axes must be in 1..{NUM_AXES}, got {self.pos_axes}")
+        if self.scales is not None:
+            sc = tuple(tuple(int(v) for v in hw) for hw in self.scales)
+            if not sc or any(len(hw) != 2 or min(hw) < 1 for hw in sc):
+                raise SeqgenError(f"domain {self.name!r}: scales must be a non-empty list of (h, w) grids; got {self.scales}")
+            if any(b[0] < a[0] or b[1] < a[1] for a, b in zip(sc, sc[1:])):
+                raise SeqgenError(f"domain {self.name!r}: scales must grow from coarse to fine; got {sc}")
+            object.__setattr__(self, "scales", sc)
+
+    @property
+    def scale_lengths(self) -> list[int]:
+        """Tokens of each scale of a multi-scale domain (empty when it has one scale)."""
+        return [h * w for h, w in self.scales] if self.scales else []
 
     @property
     def special_base(self) -> int:

@@ -16,6 +16,8 @@ from seqgen.types import DomainSpec, SeqgenError
 
 @register_head("categorical")
 class CategoricalHead(nn.Module):
+    defines_nll = True  # the loss is the cross-entropy: an NLL in nats
+
     @dataclass
     class Config:
         bias: bool = False
@@ -47,10 +49,13 @@ class CategoricalHead(nn.Module):
         self._check_targets(targets)
         return F.cross_entropy(self.logits(h).float(), targets, reduction="none")
 
-    def loss(self, h: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> tuple[Tensor, dict]:
-        """Mean cross-entropy over positions where loss_mask is True.  h (..., D), targets (...)."""
+    def loss(self, h: Tensor, targets: Tensor, loss_mask: Tensor | None = None,
+             weights: Tensor | None = None) -> tuple[Tensor, dict]:
+        """Mean cross-entropy over positions where loss_mask is True.  h (..., D), targets (...).
+        ``weights`` (...) weight each token in the reported NLL sum and count (not in the loss)."""
         if loss_mask is not None:
             h, targets = h[loss_mask], targets[loss_mask]
+            weights = None if weights is None else weights[loss_mask]
         h, targets = h.reshape(-1, h.shape[-1]), targets.reshape(-1)
         self._check_targets(targets)
         logits = self.logits(h).float()
@@ -60,19 +65,25 @@ class CategoricalHead(nn.Module):
         loss = loss.mean() if loss.numel() else logits.sum() * 0
         if self.config.z_loss:
             loss = loss + self.config.z_loss * (torch.logsumexp(logits, -1).pow(2).mean() if len(logits) else 0)
+        if weights is not None:
+            w = weights.reshape(-1).float()
+            return loss, {"nll_sum": (nll.detach() * w).sum(), "count": w.sum()}
         return loss, {"nll_sum": nll.detach().sum(), "count": torch.tensor(nll.numel(), device=h.device)}
 
     def sample(self, h: Tensor, *, generator: torch.Generator | None = None, temperature: float = 1.0,
                top_k: int | None = None, top_p: float | None = None, h_uncond: Tensor | None = None,
-               cfg_scale: float = 1.0, allowed: Tensor | None = None) -> Tensor:
+               cfg_scale: float = 1.0, allowed: Tensor | None = None,
+               with_logprob: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """h (..., D) -> ids (...).  With h_uncond, logits are guided: u + s * (c - u).  ``allowed``
-        (..., V + 1) bool keeps only those outputs (the scheduler allows END only where a segment may end)."""
+        (..., V + 1) bool keeps only those outputs (the scheduler allows END only where a segment may end).
+        ``with_logprob``: (ids, log-probability of each id under the distribution it was drawn from)."""
         logits = self.logits(h)
         if h_uncond is not None and cfg_scale != 1.0:
             logits = cfg_combine(logits.float(), self.logits(h_uncond).float(), cfg_scale)
         if allowed is not None:
             logits = logits.float().masked_fill(~allowed, float("-inf"))
-        return sample_logits(logits, generator=generator, temperature=temperature, top_k=top_k, top_p=top_p)
+        return sample_logits(logits, generator=generator, temperature=temperature, top_k=top_k, top_p=top_p,
+                             with_logprob=with_logprob)
 
     def _check_targets(self, targets: Tensor) -> None:
         # data are validated when encoded; on accelerators skip the host sync this check would cost

@@ -76,6 +76,7 @@ def cmd_sample(argv: list[str]) -> int:
     ap.add_argument("--cfg_scale", type=float, help="classifier-free guidance scale (conditioned entries)")
     ap.add_argument("--cfg_schedule", choices=["constant", "linear"])
     ap.add_argument("--order", choices=["raster", "random"])
+    ap.add_argument("--steps", type=int, help="masked / next-scale paradigms: decoding steps per segment")
     ap.add_argument("--length", type=int, help="streams: tokens per sample; variable-length targets: the limit")
     ap.add_argument("--seed", type=int)
     ap.add_argument("--device", default="auto")
@@ -92,7 +93,9 @@ def cmd_sample(argv: list[str]) -> int:
         return _sample_tokenizer(task, args, device)
     s = task.cfg.sample
     knobs = {k: getattr(args, k) if getattr(args, k) is not None else getattr(s, k)
-             for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "order")}
+             for k in ("temperature", "top_k", "top_p", "cfg_scale", "cfg_schedule", "order", "steps")}
+    if not knobs["steps"]:
+        knobs["steps"] = None  # the paradigm's default
     entry, conds, nrow, prompt = choose_conditions(task, args, args.n or s.num)
     e = task.entry(entry)
     if not e.cond and knobs["cfg_scale"] != 1.0 and args.cfg_scale is None:

@@ -108,6 +108,8 @@ class SampleConfig:
     """constant or linear (1 -> cfg_scale over the decoding steps)"""
     order: str = "raster"
     """generation order: raster or random (models trained with random orders)"""
+    steps: int = 0
+    """masked / next-scale paradigms: decoding steps per segment (0: the paradigm's default)"""
     length: int = 500
     """text streams: tokens to generate per sample (variable-length targets stop at their END id or
     the domain's max_length)"""
@@ -126,6 +128,8 @@ class EvalConfig:
     """guidance scale of the guided sample set"""
     cfg_schedule: str = "constant"
     temperature: float = 1.0
+    steps: int = 0
+    """masked / next-scale paradigms: decoding steps per segment (0: the paradigm's default)"""
     greedy: bool = True
     """also score samples decoded greedily (temperature 0, no guidance): the captioning protocol"""
     stride: int = 0

@@ -226,7 +226,8 @@ def sample_scores(task, entry, n: int, device, cfg_scale: float, amp: dict, take
         t0 = time.time()
         with torch.autocast(**amp):
             gen = task.generate(entry=entry.name, conds=conds, n=n, generator=g, temperature=temperature,
-                                cfg_scale=scale, cfg_schedule=e.cfg_schedule, batch_size=task.cfg.sample.batch_size)
+                                cfg_scale=scale, cfg_schedule=e.cfg_schedule, batch_size=task.cfg.sample.batch_size,
+                                steps=e.steps or None)
         secs = time.time() - t0
         scores = entry.source.score(entry.field_of(k), sub, [r[k] for r in gen])
         out[tag] = {"cfg_scale": scale, "temperature": temperature, **scores, "seconds": secs}

@@ -125,8 +125,16 @@ class Head(Protocol):
 
     ``loss(h (N, D), targets)``   targets are ids (N,) for a discrete domain (vocabulary or END) or
                                   values (N, C) for a continuous one -> (mean loss, {"nll_sum", "count"}).
-    ``sample(h, generator=, allowed=, h_uncond=, cfg_scale=, **knobs)``  -> ids (N,) or values (N, C);
-                                  ``allowed`` (N, V + 1) bool restricts discrete outputs.
+    ``sample(h, generator=, temperature=, top_k=, top_p=, allowed=, h_uncond=, cfg_scale=,
+             with_logprob=False)``  -> ids (N,) or values (N, C); ``allowed`` (N, V + 1) bool restricts
+                                  discrete outputs; guidance combines ``h`` with ``h_uncond``.  With
+                                  ``with_logprob`` a discrete head returns (ids, log-probabilities of
+                                  the drawn ids under the distribution it drew from): the confidences
+                                  of masked parallel decoding.  ``sample`` is the one place that draws.
+
+    Optional: ``defines_nll`` (default True): False for heads whose loss is not a negative
+    log-likelihood (a diffusion / flow-matching head): ``nll_sum`` then holds the summed training loss,
+    and evaluation reports it as a loss, never as bits.
     """
 
     def loss(self, h: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> tuple[Tensor, dict]: ...

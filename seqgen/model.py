@@ -163,7 +163,8 @@ class SeqModel(nn.Module):
                          denominators: dict[str, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Sum over heads of weight x (token-mean loss of that head), or with ``denominators`` of weight x
         (this batch's share of the step's token mean).  Metrics per domain: NLL sum (nats), token count,
-        and raw units (when the batch carries them)."""
+        and raw units (when the batch carries them); with ``batch.weights`` (an evidence bound's per-token
+        weights) the NLL sum, the count and the units are weighted sums."""
         total, any_head, metrics = h.new_zeros(()), False, {}
         for k, s in enumerate(self.specs):
             if s.name not in self.heads:
@@ -175,7 +176,9 @@ class SeqModel(nn.Module):
                 targets = batch.target_values[sel]
             else:
                 targets = batch.targets[sel]
-            loss_k, m = self.heads[s.name].loss(h[sel], targets)
+            w = None if batch.weights is None else batch.weights[sel]
+            loss_k, m = self.heads[s.name].loss(h[sel], targets) if w is None else \
+                self.heads[s.name].loss(h[sel], targets, weights=w)
             if denominators is not None:
                 loss_k = loss_k * (m["count"] / max(int(denominators.get(s.name, 0)), 1))
             total = total + self.loss_weights[s.name] * loss_k
@@ -184,7 +187,7 @@ class SeqModel(nn.Module):
             metrics[f"{s.name}/count"] = m["count"]
             metrics[f"{s.name}/loss"] = loss_k.detach()
             if batch.units is not None:
-                metrics[f"{s.name}/units"] = batch.units[sel].sum()
+                metrics[f"{s.name}/units"] = (batch.units[sel] if w is None else batch.units[sel] * w).sum()
         if not any_head:
             raise SeqgenError("the model has no head for any target domain of this batch")
         return total, metrics

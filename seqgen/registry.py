@@ -122,6 +122,7 @@ HEADS = Registry("head", "seqgen.heads", {
 })
 PARADIGMS = Registry("paradigm", "seqgen.paradigms", {
     "ar": "seqgen.paradigms.ar:AutoRegressive",
+    "masked": "seqgen.paradigms.masked:Masked",
 })
 DATASETS = Registry("dataset", "seqgen.datasets", {
     "digits": "seqgen.datasets:Digits",

@@ -53,13 +53,22 @@ def process_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None =
 
 
 def sample_logits(logits: Tensor, *, generator: torch.Generator | None = None, temperature: float = 1.0,
-                  top_k: int | None = None, top_p: float | None = None) -> Tensor:
-    """logits (..., V) -> ids (...) long."""
+                  top_k: int | None = None, top_p: float | None = None,
+                  with_logprob: bool = False) -> Tensor | tuple[Tensor, Tensor]:
+    """logits (..., V) -> ids (...) long.  ``with_logprob``: also the log-probability (...) of each drawn id
+    under the distribution it was drawn from (after temperature and filtering; at temperature 0, under
+    the unscaled softmax), the confidence that masked parallel decoding ranks tokens by."""
     if temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(process_logits(logits, temperature, top_k, top_p), dim=-1)
+        ids = logits.argmax(dim=-1)
+        if with_logprob:
+            return ids, torch.log_softmax(logits.float(), -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+        return ids
+    processed = process_logits(logits, temperature, top_k, top_p)
+    probs = torch.softmax(processed, dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
     if generator is not None and generator.device.type != flat.device.type:
         raise SeqgenError(f"generator is on {generator.device} but logits are on {flat.device}")
-    ids = torch.multinomial(flat, 1, generator=generator).squeeze(-1)
-    return ids.view(probs.shape[:-1])
+    ids = torch.multinomial(flat, 1, generator=generator).squeeze(-1).view(probs.shape[:-1])
+    if with_logprob:
+        return ids, torch.log_softmax(processed, -1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+    return ids

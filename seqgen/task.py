@@ -405,7 +405,7 @@ class GenerativeTask:
                     for k in e.target:
                         if f"{k}/nll_sum" in m:
                             sums[k][0] += float(m[f"{k}/nll_sum"])
-                            sums[k][1] += int(m[f"{k}/count"])
+                            sums[k][1] += float(m[f"{k}/count"])  # weighted (an evidence bound): a float
                             sums[k][2] += float(m[f"{k}/units"])
                 for k, (nll, count, units) in sums.items():
                     unit = self.adapters[k].unit
@@ -417,7 +417,7 @@ class GenerativeTask:
         finally:
             model.train(was_training)
         out[f"{split}_nll"] = nll_all / max(tok_all, 1)
-        out[f"{split}_tokens"] = tok_all
+        out[f"{split}_tokens"] = int(round(tok_all))
         if len(pairs) == 1:
             out[pairs[0]] = next(v for k, v in out.items() if k.endswith("/" + pairs[0]))
         return out
@@ -497,13 +497,15 @@ class GenerativeTask:
                  n: int | None = None, prompt: Any = None, length: int | None = None, generator=None,
                  temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
                  cfg_scale: float = 1.0, cfg_schedule: str = "constant", order: str = "raster",
-                 batch_size: int = 500, progress: Callable[[int, int], Any] | None = None) -> list[dict]:
+                 batch_size: int = 500, progress: Callable[[int, int], Any] | None = None,
+                 steps: int | None = None) -> list[dict]:
         """Generate the target segments of a mixture entry.
 
         conds:   one dict {domain: raw item} per sample, holding every condition domain of the entry
         prompt:  streams: what the samples continue (raw item of the target domain)
         length:  streams: tokens to generate; variable-length targets: the limit (default the
                  adapter's ``max_length``)
+        steps:   masked / next-scale paradigms: decoding steps per segment (None: the paradigm's default)
         Returns one dict {target domain: raw item} per sample.
         """
         model = model or self.model
@@ -553,7 +555,7 @@ class GenerativeTask:
                 cb = None if progress is None else (lambda t, T, _s=s: progress(_s + t * B // max(T, 1), total))
                 self.paradigm.fill(model, plan, cache, h, specs=self.specs, generator=generator, temperature=temperature,
                                    top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
-                                   max_context=max_context, progress=cb)
+                                   max_context=max_context, progress=cb, **({} if steps is None else {"steps": steps}))
                 for j, k in enumerate(e.target):
                     seqs = [outputs(plan, b, j) for b in range(B)]
                     items = self.adapters[k].decode(_stack_padded(seqs, max(q.length for q in seqs)))

@@ -342,6 +342,9 @@ class Batch:
     doc:              (B, L) long example index inside its row (packing; -1 on padding), or None
     target_pos:       (B, L, 3) coordinates of the token being predicted (random-order AR), or None
     null_cond:        (B,) bool, rows whose condition was dropped to the null condition (padded batches)
+    weights:          (B, L) float weight of each target in the NLL *metric* (an evidence bound's
+                      weighting: masked paradigms score n / k per masked token), or None (all 1); the
+                      training loss ignores it
     """
 
     inputs: TokenSequence
@@ -354,6 +357,7 @@ class Batch:
     doc: Tensor | None = None
     target_pos: Tensor | None = None
     null_cond: Tensor | None = None
+    weights: Tensor | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     def to(self, device) -> "Batch":
@@ -363,4 +367,5 @@ class Batch:
                      target_modality=self.target_modality.to(device), loss_mask=self.loss_mask.to(device),
                      mask=self.mask.to(device), target_values=mv(self.target_values), units=mv(self.units),
                      doc=mv(self.doc), target_pos=mv(self.target_pos), null_cond=mv(self.null_cond),
+                     weights=mv(self.weights),
                      extras=self.extras)

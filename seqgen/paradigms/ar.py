@@ -129,20 +129,49 @@ class AutoRegressive:
         return self.collate(flats, pack=pack, null_cond=drop if any(p.role == "cond" for ex in examples for p in ex)
                             else None)
 
-    def collate(self, flats: list[Flat], pack: int = 0, null_cond: Tensor | None = None) -> Batch:
-        """Shift each flat example by one and pad (or pack) into rows."""
+    def collate(self, flats: list[Flat], pack: int = 0, null_cond: Tensor | None = None,
+                weighted: bool = False) -> Batch:
+        """Shift each flat example by one and pad (or pack) into rows.
+
+        In-place targets (a flat whose ``extras`` hold ``inplace``, set by masked paradigms): those tokens
+        predict their own (unmasked) id or values at their own position, count only where ``masked``,
+        and see their segment both ways (``bidir`` groups); the token before such a segment predicts
+        nothing.  ``weighted``: carry ``extras["weight"]`` as ``Batch.weights`` (an evidence bound)."""
         parts = []
         has_values = any(f.values is not None for f in flats)
         C = next((f.values.shape[-1] for f in flats if f.values is not None), 0)
+        cond_bidir = self.config.cond_attention == "bidirectional"
         for f in flats:
             if f.length < 2:
                 raise SeqgenError("an example needs at least two tokens to predict one from the other")
-            d = {"ids": f.ids[:-1], "pos": f.pos[:-1], "modality": f.modality[:-1], "targets": f.ids[1:].clamp(min=0),
-                 "target_modality": f.modality[1:], "loss_mask": f.target[1:], "units": f.units[1:],
-                 "target_pos": f.pos[1:], "group": f.group[:-1]}
+            group = f.group[:-1] if cond_bidir else torch.full((f.length - 1,), -1, dtype=torch.long)
+            x = f.extras
+            v = None
             if has_values:
                 v = f.values if f.values is not None else torch.zeros(f.length, C)
-                d["values"], d["target_values"] = v[:-1], v[1:]
+            if "inplace" in x:
+                ip, here = x["inplace"], x["inplace"][:-1]
+                orig = x["orig_ids"]
+                d = {"ids": f.ids[:-1], "pos": f.pos[:-1], "modality": f.modality[:-1],
+                     "targets": torch.where(here, orig[:-1], orig[1:]).clamp(min=0),
+                     "target_modality": torch.where(here, f.modality[:-1], f.modality[1:]),
+                     "loss_mask": torch.where(here, x["masked"][:-1], f.target[1:] & ~ip[1:]),
+                     "units": torch.where(here, f.units[:-1], f.units[1:]),
+                     "target_pos": torch.where(here.unsqueeze(-1), f.pos[:-1], f.pos[1:]),
+                     "group": torch.where(x["bidir"][:-1] >= 0, x["bidir"][:-1], group)}
+                if weighted:
+                    d["weights"] = torch.where(here, x["weight"][:-1], 1.0)
+                if v is not None:
+                    ov = x.get("orig_values", v)
+                    d["values"], d["target_values"] = v[:-1], torch.where(here.unsqueeze(-1), ov[:-1], ov[1:])
+            else:
+                d = {"ids": f.ids[:-1], "pos": f.pos[:-1], "modality": f.modality[:-1], "targets": f.ids[1:].clamp(min=0),
+                     "target_modality": f.modality[1:], "loss_mask": f.target[1:], "units": f.units[1:],
+                     "target_pos": f.pos[1:], "group": group}
+                if weighted:
+                    d["weights"] = torch.ones(f.length - 1)
+                if v is not None:
+                    d["values"], d["target_values"] = v[:-1], v[1:]
             parts.append(d)
         if pack:
             from ..examples import pack_rows
@@ -151,16 +180,16 @@ class AutoRegressive:
             null_cond = None
         else:
             rows = [[p] for p in parts]
-        t = stack_rows(rows, pad={"loss_mask": False, "group": -1})
+        t = stack_rows(rows, pad={"loss_mask": False, "group": -1, "weights": 0.0})
         inputs = TokenSequence(ids=t["ids"], values=t.get("values"), pos=t["pos"], modality=t["modality"],
                                valid=t["valid"], segment=t["doc"] if pack else None)
-        mask = self._attention(t["group"])
+        mask = causal() | within(t["group"]) if bool((t["group"] >= 0).any()) else causal()
         if pack:
             mask = same_document(t["doc"]) & mask
         return Batch(inputs=inputs, targets=t["targets"], target_modality=t["target_modality"],
                      loss_mask=t["loss_mask"] & t["valid"], mask=mask, target_values=t.get("target_values"),
                      units=t["units"], doc=t["doc"], target_pos=t["target_pos"] if self.needs_target_pos else None,
-                     null_cond=null_cond)
+                     null_cond=null_cond, weights=t.get("weights"))
 
     def _attention(self, group: Tensor) -> MaskSpec:
         """causal, or causal | within(group) for bidirectional conditions (group: the condition piece of
@@ -187,9 +216,12 @@ class AutoRegressive:
     def fill(self, model, plan: Plan, cache, h: Tensor, *, specs: list[DomainSpec],
              generator: torch.Generator | None = None, temperature: float = 1.0, top_k: int | None = None,
              top_p: float | None = None, cfg_scale: float = 1.0, cfg_schedule: str = "constant",
-             max_context: int | None = None, progress=None) -> Plan:
+             max_context: int | None = None, progress=None, steps: int | None = None) -> Plan:
         """One token per step: every row samples its current slot (or feeds the forced BEGIN / END id),
         a variable-length segment ends when END is drawn, and the token goes into the cache."""
+        if steps is not None:
+            raise SeqgenError("steps= sets the decoding steps of masked / next-scale paradigms; next-token "
+                              "decoding takes one step per token")
         dev = h.device
         R = plan.rows
         B = R // 2 if plan.guided else R

@@ -123,6 +123,7 @@ HEADS = Registry("head", "seqgen.heads", {
 PARADIGMS = Registry("paradigm", "seqgen.paradigms", {
     "ar": "seqgen.paradigms.ar:AutoRegressive",
     "masked": "seqgen.paradigms.masked:Masked",
+    "next_scale": "seqgen.paradigms.next_scale:NextScale",
 })
 DATASETS = Registry("dataset", "seqgen.datasets", {
     "digits": "seqgen.datasets:Digits",

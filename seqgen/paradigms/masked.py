@@ -72,6 +72,55 @@ def _gumbel(shape, generator, device) -> Tensor:
     return -torch.log(-torch.log(u))
 
 
+@dataclass
+class InPlace:
+    """How one piece's tokens are trained in place: their own ids / values (the piece fed to ``flatten``
+    holds the inputs: MASK ids, a parent scale ...), which of them are scored, the NLL weight of the
+    scored ones, and optionally a bidirectional group per token (default: the whole piece is one)."""
+
+    ids: Tensor  # (n,)
+    values: Tensor | None  # (n, C)
+    scored: Tensor  # (n,) bool
+    weight: float = 1.0
+    groups: Tensor | None = None  # (n,) long; tokens of one group (>= 0) see each other both ways
+    shifted: Tensor | None = None  # (n,) bool: tokens trained next-token instead (predicted by the token before)
+
+
+GROUP_BASE = 1 << 20  # piece-local groups are offset past every piece index (condition groups)
+
+
+def mark_in_place(f: Flat, pieces: list[Piece], info: list[InPlace | None]) -> None:
+    """Record, per flat token, what ``AutoRegressive.collate`` needs for in-place targets: the token's own
+    id / values, whether it is scored, its bidirectional group, and its weight in an evidence bound."""
+    T = f.length
+    inplace = torch.zeros(T, dtype=torch.bool)
+    scored = torch.zeros(T, dtype=torch.bool)
+    bidir = torch.full((T,), -1, dtype=torch.long)
+    weight = torch.ones(T)
+    orig_ids = f.ids.clone()
+    orig_values = None if f.values is None else f.values.clone()
+    start = 0
+    for j, (p, inf) in enumerate(zip(pieces, info)):
+        n = p.length
+        first = start if p.open else start + 1
+        if inf is not None:
+            sl = slice(first, first + n)
+            inplace[sl], scored[sl], weight[sl] = True, inf.scored, inf.weight
+            if inf.shifted is not None:
+                inplace[sl] = ~inf.shifted
+            if inf.groups is None:
+                bidir[sl] = j
+            else:
+                bidir[sl] = torch.where(inf.groups >= 0, GROUP_BASE * (j + 1) + inf.groups, -1)
+            orig_ids[sl] = inf.ids
+            if orig_values is not None:
+                orig_values[sl] = 0 if inf.values is None else inf.values.to(orig_values.dtype)
+        start += n if p.open else n + 2
+    f.extras.update(inplace=inplace, masked=scored, bidir=bidir, weight=weight, orig_ids=orig_ids)
+    if orig_values is not None:
+        f.extras["orig_values"] = orig_values
+
+
 @register_paradigm("masked")
 class Masked(AutoRegressive):
     @dataclass
@@ -172,40 +221,14 @@ class Masked(AutoRegressive):
                     values = p.values.clone()
                     values[masked] = 0
                 arranged.append(replace(p, ids=ids, values=values))
-                info.append((p.ids, p.values, masked, n / k))
+                info.append(InPlace(p.ids, p.values, masked, n / k))
                 any_masked = True
             f = flatten(arranged, specs)
             if any(x is not None for x in info):
-                self._mark_in_place(f, arranged, info)
+                mark_in_place(f, arranged, info)
             flats.append(f)
         null_cond = drop if any(p.role == "cond" for ex in examples for p in ex) else None
         return self.collate(flats, pack=pack, null_cond=null_cond, weighted=not train and any_masked)
-
-    @staticmethod
-    def _mark_in_place(f: Flat, pieces: list[Piece], info: list) -> None:
-        """Record, per flat token, what ``collate`` needs for in-place targets: the token's own id / values
-        (before masking), whether it is masked, its bidirectional group, and its weight in the bound."""
-        T = f.length
-        inplace = torch.zeros(T, dtype=torch.bool)
-        masked = torch.zeros(T, dtype=torch.bool)
-        bidir = torch.full((T,), -1, dtype=torch.long)
-        weight = torch.ones(T)
-        orig_ids = f.ids.clone()
-        orig_values = None if f.values is None else f.values.clone()
-        start = 0
-        for j, (p, inf) in enumerate(zip(pieces, info)):
-            n = p.length
-            first = start if p.open else start + 1
-            if inf is not None:
-                sl = slice(first, first + n)
-                inplace[sl], masked[sl], bidir[sl], weight[sl] = True, inf[2], j, inf[3]
-                orig_ids[sl] = inf[0]
-                if orig_values is not None:
-                    orig_values[sl] = 0 if inf[1] is None else inf[1].to(orig_values.dtype)
-            start += n if p.open else n + 2
-        f.extras.update(inplace=inplace, masked=masked, bidir=bidir, weight=weight, orig_ids=orig_ids)
-        if orig_values is not None:
-            f.extras["orig_values"] = orig_values
 
     # ------------------------------------------------------------------ sampling
     def generation_orders(self, plan_targets: list, order: str, generator=None) -> None:

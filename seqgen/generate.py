@@ -212,11 +212,34 @@ def outputs(plan: Plan, b: int, j: int) -> TokenSequence:
                          modality=torch.full((1, n), t.modality, dtype=torch.long), valid=valid.unsqueeze(0))
 
 
-def prefill(model, plan: Plan, cache_len: int, device, mask: MaskSpec | None = None) -> tuple[object, Tensor]:
-    """Run the prompt through the model into a fresh cache; return (cache, hidden state at its last token).
+def prefill(model, plan: Plan, cache_len: int, device, mask: MaskSpec | None = None,
+            last: int = 1) -> tuple[object, Tensor]:
+    """Run the prompt through the model into a fresh cache; return (cache, hidden state at its last token),
+    or with ``last`` > 1 the states (R, last, D) of its last tokens (a Token-Shuffle group).
     mask: the prompt's attention pattern (the paradigm's ``prompt_mask``; causal when None)."""
     prompt = plan.prompt.to(device)
     cache = model.init_cache(plan.rows, cache_len)
     mask = causal() if mask is None else mask.to(device)
     h = model(prompt, mask=mask, cache=cache, target_pos=plan.prompt_target_pos.to(device))
-    return cache, h[:, -1]
+    return cache, (h[:, -1] if last == 1 else h[:, -last:])
+
+
+def pad_prompt(plan: Plan, multiple: int) -> Plan:
+    """Left-pad the prompt with invalid tokens to a multiple of ``multiple`` tokens (Token-Shuffle groups)."""
+    P = plan.prompt.length
+    extra = (-P) % multiple
+    if extra == 0:
+        return plan
+    p = plan.prompt
+    R = p.batch_size
+
+    def front(t: Tensor, fill) -> Tensor:
+        pad = t[:, :1].expand(R, extra, *t.shape[2:]).clone() if fill is None else \
+            torch.full((R, extra, *t.shape[2:]), fill, dtype=t.dtype)
+        return torch.cat([pad, t], 1)
+    plan.prompt = TokenSequence(ids=front(p.ids, 0), values=None if p.values is None else front(p.values, 0.0),
+                                pos=front(p.pos, None), modality=front(p.modality, None),
+                                valid=front(p.valid, False))
+    plan.prompt_target_pos = front(plan.prompt_target_pos, None)
+    plan.prompt_group = front(plan.prompt_group, -1)
+    return plan

@@ -36,15 +36,59 @@ class TargetPositionEmbedding(nn.Module):
         return sum(self.tables[a](tp[..., a]) for a in range(NUM_AXES))
 
 
+class TokenShuffle(nn.Module):
+    """Token-Shuffle (Ma et al., 2025, "Token-Shuffle: Towards High-Resolution Image Generation with
+    Autoregressive Models"): ``group`` consecutive tokens (an s x s window of an image laid out window by
+    window, group = s^2) share one backbone position.  ``fold`` concatenates their embeddings along
+    channels and maps them to one (an MLP, the paper's shuffle); ``unfold`` maps a backbone state back to
+    ``group`` states, one per token (unshuffle).  Padding tokens are zeroed before folding.
+
+    The token-level reshape is an exact inverse (``split(merge(x)) == x``, tested); the MLPs around it
+    are learned."""
+
+    def __init__(self, dim: int, group: int):
+        super().__init__()
+        if group < 2:
+            raise SeqgenError(f"token shuffle needs a group of >= 2 tokens, got {group}")
+        self.group = group
+        self.fold = nn.Sequential(nn.Linear(group * dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+        self.unfold = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, group * dim))
+
+    def merge(self, t: Tensor) -> Tensor:
+        """(B, L, ...) -> (B, L / group, group, ...): the tokens of each position (exact, a view)."""
+        B, L = t.shape[:2]
+        if L % self.group:
+            raise SeqgenError(f"token shuffle: {L} tokens are not a whole number of {self.group}-token groups")
+        return t.reshape(B, L // self.group, self.group, *t.shape[2:])
+
+    @staticmethod
+    def split(t: Tensor) -> Tensor:
+        """(B, G, group, ...) -> (B, G * group, ...): the inverse of ``merge``."""
+        return t.reshape(t.shape[0], t.shape[1] * t.shape[2], *t.shape[3:])
+
+    def shuffle(self, x: Tensor, valid: Tensor | None) -> Tensor:
+        """(B, L, D) token embeddings -> (B, L / group, D) position embeddings."""
+        if valid is not None:
+            x = x * valid.unsqueeze(-1).to(x.dtype)
+        g = self.merge(x)
+        return self.fold(g.reshape(*g.shape[:2], -1))
+
+    def unshuffle(self, h: Tensor) -> Tensor:
+        """(B, G, D) backbone states -> (B, G * group, D), one per token."""
+        B, G, D = h.shape
+        return self.split(self.unfold(h).view(B, G, self.group, D))
+
+
 class SeqModel(nn.Module):
     """specs: the run's domains in modality order; heads: domain name -> head (target domains only);
     loss_weights: domain name -> weight of that head's token-mean loss (default 1);
     features: domain name -> (V, F) features of its vocabulary ids (an adapter's ``token_features``): an
-    id is embedded as its row plus a learned linear map of its features (special ids: the row only)."""
+    id is embedded as its row plus a learned linear map of its features (special ids: the row only);
+    token_group: Token-Shuffle, tokens per backbone position (1: none; ``TokenShuffle``)."""
 
     def __init__(self, specs: list[DomainSpec], backbone: nn.Module, heads: dict[str, nn.Module],
                  target_pos: bool = False, max_target_pos: int = 4096, loss_weights: dict[str, float] | None = None,
-                 features: dict[str, Tensor] | None = None):
+                 features: dict[str, Tensor] | None = None, token_group: int = 1):
         super().__init__()
         names = [s.name for s in specs]
         if len(set(names)) != len(names):
@@ -78,6 +122,9 @@ class SeqModel(nn.Module):
             nn.init.normal_(self.feature_embeds[name].weight, std=0.02)
         self.heads = nn.ModuleDict(heads)
         self.target_pos = TargetPositionEmbedding(D, max_target_pos) if target_pos else None
+        if token_group > 1 and target_pos:
+            raise SeqgenError("token shuffle and random-order target positions cannot be combined")
+        self.shuffle = TokenShuffle(D, token_group) if token_group > 1 else None
 
     # ------------------------------------------------------------------ helpers
     def domain_index(self, name: str) -> int:
@@ -140,7 +187,15 @@ class SeqModel(nn.Module):
         token is valid (decoding steps), so the backbone need not inspect ``seq.valid``."""
         x = self.embed(seq, target_pos)
         kwargs = {"attn_impl": attn_impl} if attn_impl is not None else {}
-        return self.backbone(x, pos=seq.pos, mask=mask, cache=cache, valid=seq.valid if padded else None, **kwargs)
+        if self.shuffle is None:
+            return self.backbone(x, pos=seq.pos, mask=mask, cache=cache, valid=seq.valid if padded else None, **kwargs)
+        # Token-Shuffle: the backbone sees one position per group (at its last token's coordinates; a
+        # group of a padded row is valid when any of its tokens is)
+        merge = self.shuffle.merge
+        valid = seq.valid if padded else None
+        h = self.backbone(self.shuffle.shuffle(x, valid), pos=merge(seq.pos)[:, :, -1], mask=mask, cache=cache,
+                          valid=None if valid is None else merge(valid).any(-1), **kwargs)
+        return self.shuffle.unshuffle(h)
 
     def loss(self, batch: Batch, denominators: dict[str, int] | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Token-mean loss over ``batch.loss_mask``; metrics hold per-domain NLL sums (nats) and counts.

@@ -267,6 +267,7 @@ class GenerativeTask:
         features = {k: f for k, a in self.adapters.items()
                     if hasattr(a, "token_features") and (f := a.token_features()) is not None}
         return SeqModel(self.specs, backbone, heads, target_pos=getattr(self.paradigm, "needs_target_pos", False),
+                        token_group=getattr(self.paradigm, "token_group", 1),
                         max_target_pos=cfg.model.max_target_pos, loss_weights=cfg.loss_weights, features=features)
 
     def entry(self, name: str | None = None) -> Entry:
@@ -541,6 +542,8 @@ class GenerativeTask:
                 if order == "random" and getattr(model, "target_pos", None) is None:
                     raise SeqgenError("random-order sampling needs a model trained with order=random (target positions)")
                 plan = build_plan(rows, targets, self.specs, guided=cfg_scale != 1.0, orders=orders)
+                if hasattr(self.paradigm, "prepare_plan"):
+                    plan = self.paradigm.prepare_plan(plan)
                 max_context = self.context_of(e) if e.stream else None
                 cache_len = plan.prompt.length + int(plan.n_slots.max()) + 1
                 if max_context is not None:
@@ -551,7 +554,7 @@ class GenerativeTask:
                         plan.prompt_group = plan.prompt_group[:, -keep:]
                     cache_len = min(cache_len, max_context)
                 mask = self.paradigm.prompt_mask(plan) if hasattr(self.paradigm, "prompt_mask") else None
-                cache, h = prefill(model, plan, cache_len, device, mask)
+                cache, h = prefill(model, plan, cache_len, device, mask, last=getattr(self.paradigm, "token_group", 1))
                 cb = None if progress is None else (lambda t, T, _s=s: progress(_s + t * B // max(T, 1), total))
                 self.paradigm.fill(model, plan, cache, h, specs=self.specs, generator=generator, temperature=temperature,
                                    top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ..examples import Flat, Piece, flatten, null_piece, stack_rows
-from ..generate import DATA, Plan
+from ..generate import DATA, Plan, pad_prompt
 from ..masks import MaskSpec, causal, same_document, within
 from ..registry import register_paradigm
 from ..sampling import cfg_scale_at
@@ -67,6 +67,10 @@ class AutoRegressive:
         cond_attention: str = "causal"
         """causal, or bidirectional: the tokens of each condition segment see each other both ways
         (a prefix LM per segment, as in UniLM / T5's prefix mode); targets stay causal"""
+        token_shuffle: int = 1
+        """Token-Shuffle window side s (1: off): s^2 consecutive tokens of the target share one backbone
+        position and are predicted together from the position before (the target's domain must lay
+        tokens out window by window: image ``scan: windows, window: s``)"""
 
         @classmethod
         def tiny(cls) -> "AutoRegressive.Config":
@@ -82,10 +86,19 @@ class AutoRegressive:
             raise SeqgenError(f"ar: unknown cond_attention {cfg.cond_attention!r}; known: {', '.join(COND_ATTENTION)}")
         if not 0.0 <= cfg.cond_dropout < 1.0:
             raise SeqgenError(f"ar: cond_dropout must be in [0, 1); got {cfg.cond_dropout}")
+        if cfg.token_shuffle < 1:
+            raise SeqgenError(f"ar: token_shuffle must be >= 1, got {cfg.token_shuffle}")
+        if cfg.token_shuffle > 1 and (cfg.order != "raster" or cfg.cond_attention != "causal"):
+            raise SeqgenError("ar: token_shuffle works with order: raster and cond_attention: causal")
 
     @property
     def needs_target_pos(self) -> bool:
         return self.config.order == "random"
+
+    @property
+    def token_group(self) -> int:
+        """Tokens per backbone position (Token-Shuffle: s^2)."""
+        return getattr(self.config, "token_shuffle", 1) ** 2
 
     def permute_rate(self, progress: float) -> float:
         """RAR's r: probability that an example is trained in a random order at this point of training."""
@@ -126,8 +139,52 @@ class AutoRegressive:
                 order = [random_orders(1, p.length, generator, "cpu")[0]
                          if p.role == "target" and not p.variable and not p.open else None for p in pieces]
             flats.append(flatten(pieces, specs, order))
-        return self.collate(flats, pack=pack, null_cond=drop if any(p.role == "cond" for ex in examples for p in ex)
-                            else None)
+        null_cond = drop if any(p.role == "cond" for ex in examples for p in ex) else None
+        if self.token_group > 1:
+            if pack:
+                raise SeqgenError("ar: token_shuffle does not pack examples (train.pack: 0)")
+            return self.collate_shuffled(flats, examples, null_cond)
+        return self.collate(flats, pack=pack, null_cond=null_cond)
+
+    def collate_shuffled(self, flats: list[Flat], examples: list[list[Piece]], null_cond: Tensor | None) -> Batch:
+        """Token-Shuffle arrangement: each example's one fixed-length target (n tokens, a multiple of the
+        group g) starts at a group boundary (invalid tokens pad the row's front), its END is dropped, and
+        the row is shifted by one *group*: the g states unfolded from a position predict the g tokens of
+        the next position."""
+        g = self.token_group
+        parts = []
+        for f, ex in zip(flats, examples):
+            last = ex[-1]
+            if sum(p.role == "target" for p in ex) != 1 or last.role != "target" or last.variable or last.open:
+                raise SeqgenError("ar: token_shuffle needs examples with one fixed-length target, the last segment")
+            n = last.length
+            if n % g:
+                raise SeqgenError(f"ar: token_shuffle {self.config.token_shuffle}: a target of {n} tokens is not a whole "
+                                  f"number of {g}-token windows; lay its domain out window by window "
+                                  f"(image: scan: windows, window: {self.config.token_shuffle})")
+            T = f.length - 1  # without the END
+            pad = (-(T - n)) % g
+
+            def front(t: Tensor, fill=None) -> Tensor:
+                t = t[:T]
+                head = t[:1].expand(pad, *t.shape[1:]) if fill is None else torch.full((pad, *t.shape[1:]), fill,
+                                                                                        dtype=t.dtype)
+                return torch.cat([head, t])
+            ids, pos, mod = front(f.ids, 0), front(f.pos), front(f.modality)
+            real = front(torch.ones(T, dtype=torch.bool), False)
+            d = {"ids": ids[:-g], "pos": pos[:-g], "modality": mod[:-g], "targets": ids[g:].clamp(min=0),
+                 "target_modality": mod[g:], "loss_mask": front(f.target, False)[g:], "units": front(f.units, 0.0)[g:],
+                 "target_pos": pos[g:], "real": real[:-g]}
+            if f.values is not None:
+                v = front(f.values, 0.0)
+                d["values"], d["target_values"] = v[:-g], v[g:]
+            parts.append(d)
+        t = stack_rows([[p] for p in parts], pad={"loss_mask": False, "real": False})
+        valid = t["valid"] & t["real"]
+        inputs = TokenSequence(ids=t["ids"], values=t.get("values"), pos=t["pos"], modality=t["modality"], valid=valid)
+        return Batch(inputs=inputs, targets=t["targets"], target_modality=t["target_modality"],
+                     loss_mask=t["loss_mask"] & t["valid"], mask=causal(), target_values=t.get("target_values"),
+                     units=t["units"], doc=t["doc"], null_cond=null_cond)
 
     def collate(self, flats: list[Flat], pack: int = 0, null_cond: Tensor | None = None,
                 weighted: bool = False) -> Batch:
@@ -199,6 +256,10 @@ class AutoRegressive:
         return causal()
 
     # ------------------------------------------------------------------ sampling
+    def prepare_plan(self, plan: Plan) -> Plan:
+        """Token-Shuffle: the prompt is left-padded to whole groups, so the target starts at a boundary."""
+        return pad_prompt(plan, self.token_group) if self.token_group > 1 else plan
+
     def prompt_mask(self, plan: Plan) -> MaskSpec:
         """The attention pattern of the prompt's prefill (the same as in training)."""
         return self._attention(plan.prompt_group)
@@ -222,6 +283,10 @@ class AutoRegressive:
         if steps is not None:
             raise SeqgenError("steps= sets the decoding steps of masked / next-scale paradigms; next-token "
                               "decoding takes one step per token")
+        if self.token_group > 1:
+            return self._fill_shuffled(model, plan, cache, h, specs=specs, generator=generator, temperature=temperature,
+                                       top_k=top_k, top_p=top_p, cfg_scale=cfg_scale, cfg_schedule=cfg_schedule,
+                                       progress=progress)
         dev = h.device
         R = plan.rows
         B = R // 2 if plan.guided else R
@@ -305,6 +370,58 @@ class AutoRegressive:
                 continue
             h = model(step, mask=causal(), cache=cache, target_pos=tp, padded=False)[:, -1]
         plan.out_ids, plan.filled, plan.out_values = out_ids, filled, out_values
+        return plan
+
+    def _fill_shuffled(self, model, plan: Plan, cache, h: Tensor, *, specs, generator, temperature, top_k, top_p,
+                       cfg_scale, cfg_schedule, progress) -> Plan:
+        """Token-Shuffle decoding: each step draws the g tokens of the next position (one per unfolded
+        state, independently) and feeds them as one group; n / g steps for n tokens."""
+        targets = plan.targets[0]
+        if len(targets) != 1 or targets[0].variable or targets[0].open:
+            raise SeqgenError("ar: token_shuffle generates one fixed-length target per example")
+        g = self.token_group
+        dev = h.device
+        R = plan.rows
+        B = R // 2 if plan.guided else R
+        if h.dim() != 3 or h.shape[1] != g:
+            raise SeqgenError(f"ar: token_shuffle decoding needs the prompt's last {g} states (prefill(last={g}))")
+        sel = (plan.slot_target == 0) & (plan.slot_kind == DATA)
+        n = int(sel[0].sum())
+        if n % g:
+            raise SeqgenError(f"ar: token_shuffle: a target of {n} tokens is not a whole number of {g}-token windows")
+        slots = sel.nonzero()[:, 1].view(R, n).to(dev)
+        rows = torch.arange(R, device=dev).unsqueeze(1)
+        pos = plan.slot_pos.to(dev)[rows, slots]
+        k = targets[0].modality
+        spec, head = specs[k], model.head_for(k)
+        if spec.vocab_size is None:
+            raise SeqgenError("ar: token_shuffle works on discrete tokens")
+        allowed = torch.ones(spec.head_size, dtype=torch.bool, device=dev)
+        allowed[spec.end_id] = False
+        ids = torch.zeros(R, n, dtype=torch.long, device=dev)
+        steps = n // g
+        for i in range(steps):
+            s = cfg_scale_at(cfg_scale, i, steps, cfg_schedule)
+            hu = h[B:].reshape(B * g, -1) if plan.guided else None
+            drawn = head.sample(h[:B].reshape(B * g, -1), h_uncond=hu, cfg_scale=s, generator=generator,
+                                temperature=temperature, top_k=top_k, top_p=top_p,
+                                allowed=allowed.expand(B * g, -1)).view(B, g)
+            ids[:B, i * g:(i + 1) * g] = drawn
+            if plan.guided:
+                ids[B:, i * g:(i + 1) * g] = drawn
+            if progress is not None:
+                progress(i + 1, steps)
+            if i == steps - 1:
+                break
+            step = TokenSequence(ids=ids[:, i * g:(i + 1) * g], values=None, pos=pos[:, i * g:(i + 1) * g],
+                                 modality=torch.full((R, g), k, dtype=torch.long, device=dev),
+                                 valid=torch.ones(R, g, dtype=torch.bool, device=dev))
+            h = model(step, mask=causal(), cache=cache, padded=False)
+        S = plan.slot_pos.shape[1]
+        plan.out_ids = torch.zeros(R, S, dtype=torch.long, device=dev)
+        plan.filled = torch.zeros(R, S, dtype=torch.bool, device=dev)
+        plan.out_ids[rows, slots] = ids
+        plan.filled[rows, slots] = True
         return plan
 
     @staticmethod

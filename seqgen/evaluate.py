@@ -178,11 +178,19 @@ def evaluate_run(run_dir: str | Path, device=None, ema: bool = True, samples: in
         if k in nll:
             res[k] = nll[k]
     res["nll_seconds"] = time.time() - t0
+    res["nll_kind"] = getattr(task.paradigm, "nll_kind", "exact")
     n_samples = samples or e.samples
     for entry in task.entries:
         out: dict = {"source": entry.source_key, "cond": entry.cond, "target": entry.target}
         for k in entry.target:
             unit = task.adapters[k].unit
+            if f"{entry.name}/{k}/loss" in nll:  # a head that defines no likelihood (diffusion / flow)
+                d = {"nll": "not defined (the head's loss is a denoising loss)",
+                     "loss_per_token": nll[f"{entry.name}/{k}/loss"]}
+                if f"{entry.name}/{k}/loss" in null:
+                    d["loss_per_token_null_condition"] = null[f"{entry.name}/{k}/loss"]
+                out[k] = d
+                continue
             d = {f"bits_per_{unit}": nll[f"{entry.name}/{k}/bits_per_{unit}"], "nll_per_token": nll[f"{entry.name}/{k}/nll"]}
             if f"{entry.name}/{k}/bits_per_{unit}" in null:
                 d[f"bits_per_{unit}_null_condition"] = null[f"{entry.name}/{k}/bits_per_{unit}"]
@@ -273,12 +281,14 @@ def format_table(res: dict) -> str:
               "codebook_usage", "code_perplexity"):
         if k in res:
             rows.append((k, f"{res[k]:.4f}"))
+    if res.get("nll_kind", "exact") != "exact":
+        rows.append(("nll is", res["nll_kind"]))
     for name, entry in res.items():
         if not isinstance(entry, dict) or "target" not in entry:
             continue
         for k in entry["target"]:
             for metric, v in entry.get(k, {}).items():
-                if metric.startswith("bits_per"):
+                if metric.startswith(("bits_per", "loss_per")):
                     rows.append((f"{name}: {k} {metric}", f"{v:.4f}"))
         for tag in ("reference", "temperature_1", "guided", "greedy"):
             if tag in entry:

@@ -387,13 +387,18 @@ class GenerativeTask:
         byte for text, per dimension for images).  ``null`` replaces conditions by the null condition.
 
         Keys: ``{split}_nll`` and ``{split}_tokens`` over everything; ``ENTRY/DOMAIN/bits_per_UNIT``; and,
-        when the run scores one domain of one entry, plain ``bits_per_UNIT`` too."""
+        when the run scores one domain of one entry, plain ``bits_per_UNIT`` too.  A head whose loss is
+        not a likelihood (``defines_nll = False``: a diffusion / flow head) reports ``ENTRY/DOMAIN/loss``
+        (its training loss per token) and no bits; ``{split}_nll`` then averages the likelihoods of the
+        other heads, or, where no head defines one, is that mean loss (what keep_best compares)."""
         model = model or self.model
         device = device or next(model.parameters()).device
         was_training = model.training
         model.eval()
         out: dict[str, Any] = {}
         nll_all, tok_all, pairs = 0.0, 0, []
+        loss_all, loss_tok = 0.0, 0.0
+        likelihood = {k: getattr(self.model.heads[k], "defines_nll", True) for k in self.model.heads}
         try:
             for e in self.entries:
                 if entries is not None and e.name not in entries:
@@ -409,6 +414,11 @@ class GenerativeTask:
                             sums[k][1] += float(m[f"{k}/count"])  # weighted (an evidence bound): a float
                             sums[k][2] += float(m[f"{k}/units"])
                 for k, (nll, count, units) in sums.items():
+                    if not likelihood.get(k, True):
+                        out[f"{e.name}/{k}/loss"] = nll / max(count, 1)
+                        loss_all += nll
+                        loss_tok += count
+                        continue
                     unit = self.adapters[k].unit
                     out[f"{e.name}/{k}/nll"] = nll / max(count, 1)
                     out[f"{e.name}/{k}/bits_per_{unit}"] = nll / LN2 / max(units, 1e-9)
@@ -417,8 +427,8 @@ class GenerativeTask:
                     pairs.append(f"bits_per_{unit}")
         finally:
             model.train(was_training)
-        out[f"{split}_nll"] = nll_all / max(tok_all, 1)
-        out[f"{split}_tokens"] = int(round(tok_all))
+        out[f"{split}_nll"] = nll_all / max(tok_all, 1) if tok_all or not loss_tok else loss_all / loss_tok
+        out[f"{split}_tokens"] = int(round(tok_all + loss_tok))
         if len(pairs) == 1:
             out[pairs[0]] = next(v for k, v in out.items() if k.endswith("/" + pairs[0]))
         return out

@@ -91,6 +91,8 @@ class AutoRegressive:
         if cfg.token_shuffle > 1 and (cfg.order != "raster" or cfg.cond_attention != "causal"):
             raise SeqgenError("ar: token_shuffle works with order: raster and cond_attention: causal")
 
+    nll_kind = "exact"
+
     @property
     def needs_target_pos(self) -> bool:
         return self.config.order == "random"

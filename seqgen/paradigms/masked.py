@@ -162,6 +162,7 @@ class Masked(AutoRegressive):
             raise SeqgenError(f"masked: cond_dropout must be in [0, 1); got {cfg.cond_dropout}")
 
     needs_target_pos = False
+    nll_kind = "upper bound: the any-order evidence bound of the masked segments, one random mask per item"
 
     def permute_rate(self, progress: float) -> float:
         return 0.0  # next-token segments of a hybrid run are trained in raster order

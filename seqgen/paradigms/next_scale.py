@@ -80,6 +80,7 @@ class NextScale(AutoRegressive):
         self._parents: dict = {}
 
     needs_target_pos = False
+    nll_kind = "exact, of the multi-scale codes (every scale), not of the final grid alone"
 
     def permute_rate(self, progress: float) -> float:
         return 0.0

@@ -119,6 +119,7 @@ BACKBONES = Registry("backbone", "seqgen.backbones", {
 })
 HEADS = Registry("head", "seqgen.heads", {
     "categorical": "seqgen.heads.categorical:CategoricalHead",
+    "diffusion": "seqgen.heads.diffusion:DiffusionHead",
 })
 PARADIGMS = Registry("paradigm", "seqgen.paradigms", {
     "ar": "seqgen.paradigms.ar:AutoRegressive",

@@ -76,11 +76,14 @@ def test_every_registered_component_conforms():
         assert cache.length == 3
     for name in HEADS.names():
         cls = HEADS.get(name)
-        h = cls(cls.Config.tiny(), 16, spec)
+        continuous = getattr(cls, "continuous", False)  # a head for value tokens (diffusion) says so
+        h = cls(cls.Config.tiny(), 16, DomainSpec("v", value_dim=3) if continuous else spec)
         assert isinstance(h, Head), name
-        loss, _ = h.loss(torch.randn(4, 16), torch.randint(0, 7, (4,)))
+        targets = torch.randn(4, 3) if continuous else torch.randint(0, 7, (4,))
+        loss, _ = h.loss(torch.randn(4, 16), targets)
         assert loss.dim() == 0
-        assert h.sample(torch.randn(4, 16), generator=torch.Generator().manual_seed(0)).shape == (4,)
+        out = h.sample(torch.randn(4, 16), generator=torch.Generator().manual_seed(0))
+        assert out.shape == targets.shape and out.is_floating_point() == continuous, name
     for name in PARADIGMS.names():
         cls = PARADIGMS.get(name)
         p = cls(cls.Config.tiny())

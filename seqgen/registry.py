@@ -138,6 +138,8 @@ DATASETS = Registry("dataset", "seqgen.datasets", {
 
 TOKENIZERS = Registry("tokenizer", "seqgen.tokenizers", {
     "fsq": "seqgen.domains.tokenizers.fsq:FSQTokenizer",
+    "msfsq": "seqgen.domains.tokenizers.msfsq:MultiScaleFSQTokenizer",
+    "ae": "seqgen.domains.tokenizers.ae:AETokenizer",
 })
 
 TASK_KINDS = Registry("task", "seqgen.tasks", {

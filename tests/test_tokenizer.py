@@ -326,3 +326,27 @@ def test_tokenizer_trains_on_a_gpu_in_bf16(tmp_path):
     assert res["recon_mse"] == pytest.approx(summary["recon_mse"], rel=0.05)
     tk = load_tokenizer(tmp_path / "gpu")  # weights were saved in float32 and load on the CPU
     assert next(tk.parameters()).dtype == torch.float32 and next(tk.parameters()).device.type == "cpu"
+
+
+def test_window_scan_over_learned_codes(trained):
+    """scan: windows (Token-Shuffle) over FSQ codes: the 4x4 code grid padded to 6x6 with the code of a black
+    patch, 9 consecutive tokens per 3x3 window, decoding crops the padding back to the same images"""
+    run_dir, _ = trained
+    tk = load_tokenizer(run_dir)
+    x = heldout_digits()[:10]
+    codes = tk.encode(torch.from_numpy(x).unsqueeze(-1))  # (10, 4, 4)
+    dom = ImageDomain(ImageDomain.Config(height=8, width=8, tokenizer=str(run_dir), scan="windows", window=3))
+    black = tk.encode(torch.zeros(1, 8, 8, 1)).reshape(-1)
+    fill = dom.fill_token()
+    assert isinstance(fill, int) and int((black == fill).sum()) == int(torch.bincount(black).max())  # the mode
+    assert dom.length == 36 and dom.dims_per_token == pytest.approx(64 / 36)
+    seq = dom.encode(x)
+    r, c = seq.pos[0, :, 1], seq.pos[0, :, 2]
+    assert torch.equal((r // 3) * 2 + c // 3, torch.arange(4).repeat_interleave(9))  # window after window
+    pad = (r >= 4) | (c >= 4)
+    assert bool((seq.ids[:, pad] == fill).all())
+    assert torch.equal(seq.ids[:, ~pad], codes[:, r[~pad], c[~pad]])  # true (padded) grid cells
+    assert torch.equal(dom.sequence_to_grid(seq)[..., 0], codes)  # the exact inverse, padding cropped
+    raster = ImageDomain(ImageDomain.Config(height=8, width=8, tokenizer=str(run_dir)))
+    np.testing.assert_allclose(np.stack(dom.decode(seq)), np.stack(raster.decode(raster.encode(x))), atol=1e-6)
+    assert dom.encode_cache()[1] != raster.encode_cache()[1]  # the scan decides the cached codes

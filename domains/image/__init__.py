@@ -1,15 +1,32 @@
 """Images as token sequences.
 
-Two tokenizations:
+Tokenizations:
   pixels     every pixel (and channel) intensity quantized to ``levels`` values; lossless for the 8x8
              digits at levels=17 (their intensities are k/16).  One token per dimension.
-  learned    a patch tokenizer (FSQ autoencoder) trained with ``seqgen train`` (task: tokenizer); set
-             ``tokenizer`` to its run directory.  Codes are cached on disk per data set.
+  learned    a patch tokenizer trained with ``seqgen train`` (task: tokenizer); set ``tokenizer`` to its
+             run directory.  Encodings are cached on disk per data set.  Three kinds:
+               fsq    discrete codes on one grid, one token per code;
+               msfsq  discrete codes of a ladder of grids (next-scale prediction, VAR): the spec carries
+                      the ``scales``, tokens come scale after scale, raster inside each;
+               ae     continuous latent vectors (MAR): the spec has ``value_dim``, tokens carry id -1 and
+                      their vector in ``values``.
 
 Raw images are float arrays in [0, 1] of shape (N, H, W) or (N, H, W, C).  Token coordinates are
-(channel, row, column) for pixels and (0, row, column) for patch codes.  ``scan`` chooses the
-sequence order (raster, column-wise or anti-diagonal, as in DAR); coordinates always stay the true
-2-D ones, so changing the scan is a one-line config change.
+(channel, row, column) for pixels, (0, row, column) for single-grid tokens and (scale, row, column) for
+multi-scale codes, where a code (i, j) of an h_k x w_k scale sits on the final h x w grid at row
+floor((i + 0.5) h / h_k), column floor((j + 0.5) w / w_k).  ``scan`` chooses the sequence order of a
+single grid (raster, column-wise or anti-diagonal, as in DAR; tiles; windows, as in Token-Shuffle);
+coordinates always stay the true 2-D ones, so changing the scan is a one-line config change.
+
+``scan: windows`` (Token-Shuffle: Ma et al., 2025, "Token-Shuffle: Towards High-Resolution Image
+Generation with Autoregressive Models") groups the grid into ``window x window`` windows: the grid is
+padded at the bottom / right to a multiple of ``window`` on each side, then tokens come window after
+window (raster over the windows), raster inside each, so every ``window ** 2`` consecutive tokens form one
+window (a model may merge them into one step).  Padding cells hold a fixed fill token: for pixel tokens
+intensity 0 (id 0); for a learned discrete tokenizer the code it gives a black patch (the most frequent
+code of an all-black tokenizer-sized image, ties to the smaller id); for a continuous one the per-channel
+median of the latents of an all-black image.  Decoding crops the padding; ``units`` count the padded
+tokens too (pixels / tokens).
 """
 from __future__ import annotations
 
@@ -26,14 +43,15 @@ from seqgen.types import DomainSpec, SeqgenError, TokenSequence
 
 log = logging.getLogger(__name__)
 
-SCANS = ("raster", "column", "diagonal", "tiles")
+SCANS = ("raster", "column", "diagonal", "tiles", "windows")
 TILE_MEMO_MAX = 2_000_000  # distinct tiles whose codes an adapter remembers (about 100 bytes each for 4x4 codes)
 
 
-def scan_order(height: int, width: int, scan: str, tile: tuple[int, int] | None = None) -> Tensor:
+def scan_order(height: int, width: int, scan: str, tile: tuple[int, int] | None = None, window: int = 2) -> Tensor:
     """(H*W, 2) long (row, col) of each grid cell in sequence order.  ``tiles``: tile after tile (raster
     over the tiles of a tokenizer-tiled image, e.g. the left digit of a scene, then the right one),
-    raster inside each tile."""
+    raster inside each tile.  ``windows``: window after window (raster over the ``window x window``
+    windows of a grid whose sides are multiples of ``window``), raster inside each window."""
     r, c = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     r, c = r.reshape(-1), c.reshape(-1)
     if scan == "tiles":
@@ -50,10 +68,30 @@ def scan_order(height: int, width: int, scan: str, tile: tuple[int, int] | None 
         key = c * height + r
     elif scan == "diagonal":
         key = (r + c) * (height + width) + r
+    elif scan == "windows":
+        s = window
+        if s < 1 or height % s or width % s:
+            raise SeqgenError(f"image: scan: windows needs a grid whose sides are multiples of the window {s}; "
+                              f"got {height}x{width}")
+        key = (((r // s) * (width // s) + c // s) * s + r % s) * s + c % s
     else:
         raise SeqgenError(f"image: unknown scan {scan!r}; known: {', '.join(SCANS)}")
     idx = key.argsort()
     return torch.stack([r[idx], c[idx]], dim=1)
+
+
+def scale_positions(scales, grid: tuple[int, int]) -> Tensor:
+    """(L, 3) long coordinates of multi-scale tokens, scale after scale, raster inside each: token (i, j) of
+    scale k (h_k x w_k) at (k, floor((i + 0.5) h / h_k), floor((j + 0.5) w / w_k)) on the final h x w grid."""
+    h, w = grid
+    out = []
+    for k, (hk, wk) in enumerate(scales):
+        if hk > h or wk > w:
+            raise SeqgenError(f"image: scale {k} ({hk}x{wk}) is finer than the final grid {h}x{w}")
+        i, j = torch.meshgrid(torch.arange(hk), torch.arange(wk), indexing="ij")
+        rows, cols = ((2 * i + 1) * h) // (2 * hk), ((2 * j + 1) * w) // (2 * wk)  # exact integer floors
+        out.append(torch.stack([torch.full_like(rows, k), rows, cols], -1).reshape(-1, 3))
+    return torch.cat(out)
 
 
 @register_domain("image")
@@ -74,16 +112,21 @@ class ImageDomain:
         pixel, vocabulary levels ** channels: three times shorter sequences for colour images)"""
         tokenizer: str = "pixels"
         """pixels, or the run directory of a trained patch tokenizer (task: tokenizer).  A tokenizer
-        trained on smaller images tiles larger ones (28x28 codes side by side for a 28x56 scene)"""
+        trained on smaller images tiles larger ones (28x28 codes side by side for a 28x56 scene); a
+        multi-scale one (msfsq) must match the image size"""
         tokenizer_config: str = ""
         """a tokenizer run config (YAML): when the tokenizer run directory holds no trained tokenizer,
         ``seqgen train`` trains it there first"""
         code_features: bool = False
-        """learned tokenizer: the model embeds each code also by its quantized vector (a learned linear
-        map of the tokenizer's d values, added to the code's own row; ``token_features``)"""
+        """learned discrete tokenizer: the model embeds each code also by its quantized vector (a learned
+        linear map of the tokenizer's d values, added to the code's own row; ``token_features``)"""
         scan: str = "raster"
-        """sequence order over the grid: raster, column, diagonal, or tiles (tile after tile of a tiling
-        tokenizer, raster inside each: the left digit of a scene, then the right one)"""
+        """sequence order over the grid: raster, column, diagonal, tiles (tile after tile of a tiling
+        tokenizer, raster inside each: the left digit of a scene, then the right one) or windows
+        (Token-Shuffle: window x window windows one after another, raster inside each; the grid padded
+        to whole windows).  A multi-scale tokenizer takes raster only (scale after scale)"""
+        window: int = 2
+        """scan: windows: the side of a window (window ** 2 consecutive tokens form one window)"""
 
         @classmethod
         def tiny(cls) -> "ImageDomain.Config":
@@ -97,8 +140,12 @@ class ImageDomain:
             raise SeqgenError(f"image: pixel_tokens must be channels or rgb, got {cfg.pixel_tokens!r}")
         if cfg.scan not in SCANS:
             raise SeqgenError(f"image: unknown scan {cfg.scan!r}; known: {', '.join(SCANS)}")
+        if cfg.window < 1:
+            raise SeqgenError(f"image: window must be >= 1, got {cfg.window}")
         self.tokenizer = None
         self.spec = None
+        self.kind = "pixels"  # pixels | codes (one grid) | scales (multi-scale codes) | values (continuous)
+        self._fill = None
         if cfg.tokenizer == "pixels":
             if cfg.levels < 2:
                 raise SeqgenError(f"image: levels must be >= 2, got {cfg.levels}")
@@ -111,14 +158,42 @@ class ImageDomain:
     def _joint(self) -> bool:
         return self.config.tokenizer == "pixels" and self.config.pixel_tokens == "rgb" and self.config.channels > 1
 
-    def _set_grid(self, grid: tuple[int, int], vocab: int, token_channels: int) -> None:
+    def _set_grid(self, grid: tuple[int, int], vocab: int | None, token_channels: int,
+                  value_dim: int | None = None) -> None:
+        """One token grid (h, w): ``padded`` is the grid the scan runs over (whole windows for windows)."""
+        cfg = self.config
         self.grid, self.token_channels = grid, token_channels
-        self.spec = DomainSpec("image", vocab_size=vocab, pos_axes=2)
+        s = cfg.window if cfg.scan == "windows" else 1
+        self.padded = (-(-grid[0] // s) * s, -(-grid[1] // s) * s)
+        self.spec = DomainSpec("image", vocab_size=vocab, value_dim=value_dim, pos_axes=2)
         tile = self.tokenizer.grid if self.tokenizer is not None else None
-        self._order = scan_order(*grid, self.config.scan, tile)  # (h*w, 2)
+        self._order = scan_order(*self.padded, cfg.scan, tile, cfg.window)  # (hp*wp, 2)
+        self._pos = None
+
+    def _set_scales(self, tk) -> None:
+        """A multi-scale tokenizer: tokens scale after scale on the shared final grid."""
+        cfg = self.config
+        if cfg.scan != "raster":
+            raise SeqgenError(f"image: a multi-scale tokenizer ({cfg.tokenizer}) orders its tokens scale after "
+                              f"scale, raster inside each; scan must be raster, got {cfg.scan!r}")
+        if self.tiles != (1, 1):
+            raise SeqgenError(f"image: the multi-scale tokenizer {cfg.tokenizer} codes whole {tk.height}x{tk.width} "
+                              f"images; it cannot tile a {cfg.height}x{cfg.width} domain (train one on images of "
+                              "the domain's size)")
+        self.grid = self.padded = tuple(tk.grid)
+        self.token_channels = 1
+        self.spec = DomainSpec("image", vocab_size=tk.vocab_size, pos_axes=2, scales=tuple(map(tuple, tk.scales)))
+        self._pos = scale_positions(self.spec.scales, self.grid)  # (L, 3)
+        h, w = self.grid
+        slot = torch.full((len(self.spec.scales), h, w), -1, dtype=torch.long)
+        slot[self._pos[:, 0], self._pos[:, 1], self._pos[:, 2]] = torch.arange(len(self._pos))
+        if int((slot >= 0).sum()) != len(self._pos):
+            raise SeqgenError(f"image: scales {self.spec.scales} put two tokens on one cell of the {h}x{w} grid")
+        self._slot = slot  # (K, h, w): sequence index of the token at each coordinate, -1 where none
+        self._order = None
 
     def _load_tokenizer(self) -> None:
-        from seqgen.domains.tokenizers import load_tokenizer
+        from seqgen.domains.tokenizers import is_continuous, load_tokenizer
 
         cfg = self.config
         self.tokenizer = tk = load_tokenizer(cfg.tokenizer)
@@ -128,7 +203,19 @@ class ImageDomain:
                               f"images; the domain is {cfg.height}x{cfg.width}x{cfg.channels} (it must be a grid "
                               "of tokenizer-sized tiles)")
         self.tiles = (cfg.height // tk.height, cfg.width // tk.width)
-        self._set_grid((self.tiles[0] * tk.grid[0], self.tiles[1] * tk.grid[1]), tk.vocab_size, 1)
+        grid = (self.tiles[0] * tk.grid[0], self.tiles[1] * tk.grid[1])
+        if is_continuous(tk):
+            if cfg.code_features:
+                raise SeqgenError(f"image: code_features needs a discrete tokenizer; {cfg.tokenizer} is continuous "
+                                  f"({tk.latent_dim} floats per patch, no codes)")
+            self.kind = "values"
+            self._set_grid(grid, None, 1, value_dim=tk.latent_dim)
+        elif getattr(tk, "scales", None):
+            self.kind = "scales"
+            self._set_scales(tk)
+        else:
+            self.kind = "codes"
+            self._set_grid(grid, tk.vocab_size, 1)
 
     def fit(self, train_items=None, run_dir: Path | None = None) -> None:
         """Find the tokenizer run, or train it first from ``tokenizer_config`` when it is missing."""
@@ -148,22 +235,29 @@ class ImageDomain:
         if not self.config.code_features:
             return None
         self._require_spec()
+        if self.kind == "values":
+            raise SeqgenError(f"image: code_features needs a discrete tokenizer; {self.config.tokenizer} is "
+                              "continuous (no codes)")
         if self.tokenizer is None or not hasattr(self.tokenizer, "quantizer"):
             raise SeqgenError("image: code_features needs a learned tokenizer with a quantizer (FSQ); this domain "
                               f"uses {self.config.tokenizer!r}")
         return self.tokenizer.quantizer.indices_to_values(torch.arange(self.spec.vocab_size)).float()
 
     def encode_cache(self) -> tuple[Path, str] | None:
-        """Codes of a learned tokenizer are cached in its run folder, keyed by everything that decides them."""
+        """Encodings of a learned tokenizer are cached in its run folder, keyed by everything that decides them."""
         if self.tokenizer is None:
             return None
+        cfg = self.config
         stamp = getattr(self.tokenizer, "checkpoint", "")
-        return Path(self.config.tokenizer) / "codes", f"{stamp}_{self.config.scan}_{self.config.height}x{self.config.width}"
+        scan = f"windows{cfg.window}" if cfg.scan == "windows" else cfg.scan
+        return Path(cfg.tokenizer) / "codes", f"{stamp}_{scan}_{cfg.height}x{cfg.width}"
 
     # ------------------------------------------------------------------ layout
     @property
     def length(self) -> int:
-        return self.grid[0] * self.grid[1] * self.token_channels
+        if self.kind == "scales":
+            return len(self._pos)
+        return self.padded[0] * self.padded[1] * self.token_channels
 
     @property
     def dims_per_token(self) -> float:
@@ -172,17 +266,22 @@ class ImageDomain:
         return cfg.height * cfg.width * cfg.channels / self.length
 
     def units(self, seq: TokenSequence) -> Tensor:
-        return torch.full(seq.ids.shape, self.dims_per_token)
+        return torch.full(tuple(seq.pos.shape[:2]), self.dims_per_token)
 
     def positions(self) -> Tensor:
-        """(L, 3) coordinates in sequence order: (channel, row, col)."""
+        """(L, 3) coordinates in sequence order: (channel, row, col), or (scale, row, col)."""
+        if self._pos is not None:
+            return self._pos.clone()
         C = self.token_channels
         rc = self._order.repeat_interleave(C, dim=0)
         ch = torch.arange(C).repeat(len(self._order))
         return torch.stack([ch, rc[:, 0], rc[:, 1]], dim=1)
 
     def layout(self, n: int, length: int | None = None) -> TokenSequence:
+        self._require_spec()
         pos = self.positions().unsqueeze(0).expand(n, -1, -1).clone()
+        if self.kind == "values":
+            return _value_sequence(torch.zeros(n, self.length, self.spec.value_dim), pos)
         return TokenSequence.from_ids(torch.zeros(n, self.length, dtype=torch.long), pos=pos)
 
     # ------------------------------------------------------------------ encode / decode
@@ -204,8 +303,11 @@ class ImageDomain:
                               "(seqgen train does, from image.tokenizer_config)")
 
     def encode_grid(self, images) -> Tensor:
-        """Images -> (N, h, w, C') long token grid (C' = channels for pixels, 1 for codes or rgb)."""
+        """Images -> the token grid: (N, h, w, C') long ids (C' = channels for pixels, 1 for codes or rgb),
+        or for a continuous tokenizer (N, h, w, value_dim) float values.  Not for multi-scale tokenizers."""
         self._require_spec()
+        if self.kind == "scales":
+            raise SeqgenError("image: a multi-scale tokenizer has no single token grid; use encode")
         x = self._as_nhwc(images)
         if self.tokenizer is None:
             q = torch.from_numpy(np.rint(x * (self.config.levels - 1))).long()
@@ -220,18 +322,30 @@ class ImageDomain:
         tiles = x.reshape(N, th, tk.height, tw, tk.width, x.shape[-1]).transpose(0, 1, 3, 2, 4, 5)
         codes = self._encode_tiles(np.ascontiguousarray(tiles).reshape(N * th * tw, tk.height, tk.width, x.shape[-1]))
         gh, gw = tk.grid
-        codes = codes.view(N, th, tw, gh, gw).permute(0, 1, 3, 2, 4).reshape(N, th * gh, tw * gw)
-        return codes.unsqueeze(-1)
+        rest = tuple(codes.shape[3:])  # (value_dim,) for latents, () for codes
+        codes = codes.view(N, th, tw, gh, gw, *rest).transpose(2, 3).reshape(N, th * gh, tw * gw, *rest)
+        return codes if self.kind == "values" else codes.unsqueeze(-1)
+
+    def _tile_shape(self) -> tuple[tuple[int, ...], torch.dtype]:
+        """Shape and dtype of one tile's encoding by the tokenizer."""
+        tk = self.tokenizer
+        if self.kind == "scales":
+            return (len(self._pos),), torch.long
+        if self.kind == "values":
+            return (*tk.grid, tk.latent_dim), torch.float32
+        return tuple(tk.grid), torch.long
 
     def _encode_tiles(self, tiles: np.ndarray) -> Tensor:
-        """(n, h, w, C) tokenizer-sized tiles -> (n, gh, gw) codes.  A tile whose exact content was encoded
-        before (in this call or an earlier one, with this tokenizer) reuses its codes: a data set that
-        repeats tiles -- scenes drawn from a few thousand digits, or augmented copies of them -- encodes each
-        distinct tile once.  Tiles are identified by a 128-bit BLAKE2b digest of their bytes."""
+        """(n, h, w, C) tokenizer-sized tiles -> their encodings (n, gh, gw) codes, (n, L) multi-scale codes or
+        (n, gh, gw, c) latents.  A tile whose exact content was encoded before (in this call or an earlier
+        one, with this tokenizer) reuses its encoding: a data set that repeats tiles -- scenes drawn from a
+        few thousand digits, or augmented copies of them -- encodes each distinct tile once.  Tiles are
+        identified by a 128-bit BLAKE2b digest of their bytes."""
         import hashlib
 
         if not len(tiles):
-            return torch.zeros(0, *self.tokenizer.grid, dtype=torch.long)
+            shape, dtype = self._tile_shape()
+            return torch.zeros(0, *shape, dtype=dtype)
         memo = self._tile_memo
         if len(memo) + len(tiles) > TILE_MEMO_MAX:
             memo.clear()  # bounded memory: start again (the codes are the same either way)
@@ -245,39 +359,137 @@ class ImageDomain:
             memo.update(zip(missing, new))
         return torch.stack([memo[k] for k in keys])
 
+    def fill_token(self) -> int | Tensor:
+        """What the padding cells of scan: windows hold: an id (pixels: 0; a discrete tokenizer: the most
+        frequent code of an all-black image, ties to the smaller id) or, for a continuous tokenizer, a
+        (value_dim,) vector (the per-channel median latent of an all-black image).  Computed once."""
+        self._require_spec()
+        if self._fill is None:
+            tk = self.tokenizer
+            if tk is None:
+                self._fill = 0
+            else:
+                black = tk.encode(torch.zeros(1, tk.height, tk.width, tk.channels))
+                if self.kind == "values":
+                    self._fill = black.reshape(-1, black.shape[-1]).float().median(dim=0).values
+                else:
+                    self._fill = int(torch.bincount(black.reshape(-1)).argmax())  # first maximum: smallest id
+        return self._fill
+
+    def _pad_grid(self, grid: Tensor) -> Tensor:
+        """(N, h, w, C') -> (N, hp, wp, C'): the scan's padding cells (windows) hold the fill token."""
+        h, w = self.grid
+        hp, wp = self.padded
+        if (hp, wp) == (h, w):
+            return grid
+        out = torch.empty(grid.shape[0], hp, wp, grid.shape[-1], dtype=grid.dtype)
+        out[:] = self.fill_token() if self.kind != "values" else self.fill_token().to(grid.dtype)
+        out[:, :h, :w] = grid
+        return out
+
     def encode(self, images) -> TokenSequence:
         """(N, H, W[, C]) floats in [0, 1] -> (N, L) tokens in scan order, local coordinates."""
+        self._require_spec()
+        if self.kind == "scales":
+            codes = self._encode_tiles(self._as_nhwc(images))  # (N, L): the tokenizer's order is the scan
+            pos = self.positions().unsqueeze(0).expand(len(codes), -1, -1).clone()
+            return TokenSequence.from_ids(codes, pos=pos)
         return self.grid_to_sequence(self.encode_grid(images))
 
     def grid_to_sequence(self, grid: Tensor) -> TokenSequence:
+        """A token grid (encode_grid's) -> (N, L) tokens in scan order (padded to whole windows for windows)."""
+        grid = self._pad_grid(grid)
         N = grid.shape[0]
         r, c = self._order[:, 0], self._order[:, 1]
-        ids = grid[:, r, c, :].reshape(N, len(r) * grid.shape[-1])  # (N, h*w*C') in scan order, channels innermost
         pos = self.positions().unsqueeze(0).expand(N, -1, -1).clone()
+        if self.kind == "values":
+            return _value_sequence(grid[:, r, c, :].float(), pos)  # (N, hp*wp, value_dim)
+        ids = grid[:, r, c, :].reshape(N, len(r) * grid.shape[-1])  # (N, hp*wp*C') in scan order, channels innermost
         return TokenSequence.from_ids(ids, pos=pos)
 
-    def sequence_to_grid(self, seq: TokenSequence) -> Tensor:
-        """Place tokens by their coordinates (any order) -> (N, h, w, C') long."""
+    def _check_length(self, seq: TokenSequence) -> None:
         self._require_spec()
+        if seq.length != self.length:
+            raise SeqgenError(f"image: expected {self.length} tokens per image, got {seq.length}")
+
+    def _cells(self, seq: TokenSequence) -> Tensor:
+        """(N, L) index of each token's cell in the padded grid (row-major), read from its coordinates."""
+        hp, wp = self.padded
+        pos = seq.pos.cpu()
+        r, c = pos[..., 1], pos[..., 2]
+        if pos.numel() and (int(r.min()) < 0 or int(r.max()) >= hp or int(c.min()) < 0 or int(c.max()) >= wp):
+            raise SeqgenError(f"image: token coordinates outside the {hp}x{wp} grid")
+        return r * wp + c
+
+    def sequence_to_grid(self, seq: TokenSequence) -> Tensor:
+        """Place tokens by their coordinates (any order) -> (N, h, w, C') long (the padding cropped)."""
+        self._check_length(seq)
+        if self.kind in ("scales", "values"):
+            raise SeqgenError(f"image: sequence_to_grid is for single-grid discrete tokens; this domain has "
+                              f"{'multi-scale codes' if self.kind == 'scales' else 'continuous values'}")
         if seq.ids is None:
             raise SeqgenError("image: decode needs token ids")
-        N, L = seq.ids.shape
-        if L != self.length:
-            raise SeqgenError(f"image: expected {self.length} tokens per image, got {L}")
-        h, w = self.grid
+        N = seq.batch_size
+        hp, wp = self.padded
         C = self.token_channels
-        pos = seq.pos.cpu()
-        flat = (pos[..., 1] * w + pos[..., 2]) * C + pos[..., 0]  # (N, L)
-        grid = torch.zeros(N, h * w * C, dtype=torch.long)
+        flat = self._cells(seq) * C + seq.pos[..., 0].cpu()  # (N, L)
+        grid = torch.zeros(N, hp * wp * C, dtype=torch.long)
         grid.scatter_(1, flat, seq.ids.cpu())
-        return grid.view(N, h, w, C)
+        return grid.view(N, hp, wp, C)[:, :self.grid[0], :self.grid[1]]
+
+    def sequence_to_values(self, seq: TokenSequence) -> Tensor:
+        """Continuous tokens placed by their coordinates (any order) -> (N, h, w, value_dim) float."""
+        self._check_length(seq)
+        if seq.values is None or seq.values.shape[-1] != self.spec.value_dim:
+            raise SeqgenError(f"image: decode needs token values (N, L, {self.spec.value_dim})")
+        N = seq.batch_size
+        hp, wp = self.padded
+        C = self.spec.value_dim
+        flat = self._cells(seq)  # (N, L)
+        out = torch.zeros(N, hp * wp, C)
+        out.scatter_(1, flat.unsqueeze(-1).expand(-1, -1, C), seq.values.detach().cpu().float())
+        return out.view(N, hp, wp, C)[:, :self.grid[0], :self.grid[1]]
+
+    def sequence_to_scales(self, seq: TokenSequence) -> Tensor:
+        """Multi-scale codes placed by their coordinates (any order) -> (N, L) in the tokenizer's order
+        (scale after scale, raster inside each)."""
+        self._check_length(seq)
+        if seq.ids is None:
+            raise SeqgenError("image: decode needs token ids")
+        K, h, w = self._slot.shape
+        pos = seq.pos.cpu()
+        k, r, c = pos[..., 0], pos[..., 1], pos[..., 2]
+        ok = (k >= 0) & (k < K) & (r >= 0) & (r < h) & (c >= 0) & (c < w)
+        slot = torch.where(ok, self._slot[k.clamp(0, K - 1), r.clamp(0, h - 1), c.clamp(0, w - 1)], -1)
+        L = self.length
+        if slot.numel() and (not bool((slot >= 0).all())
+                             or not torch.equal(slot.sort(1).values, torch.arange(L).expand_as(slot))):
+            raise SeqgenError("image: multi-scale tokens must sit at the (scale, row, col) coordinates of the "
+                              f"scales {self.spec.scales}, each once")
+        codes = torch.zeros(seq.batch_size, L, dtype=torch.long)
+        codes.scatter_(1, slot, seq.ids.cpu())
+        return codes
 
     def decode(self, seq: TokenSequence) -> list[np.ndarray]:
         """Tokens -> a list of (H, W) or (H, W, C) float images in [0, 1]."""
-        grid = self.sequence_to_grid(seq)
-        if grid.numel() and (int(grid.min()) < 0 or int(grid.max()) >= self.spec.vocab_size):
-            raise SeqgenError(f"image: token ids outside 0..{self.spec.vocab_size - 1}")
         cfg = self.config
+        self._require_spec()
+        if self.kind == "scales":
+            codes = self.sequence_to_scales(seq)
+            if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= self.spec.vocab_size):
+                raise SeqgenError(f"image: token ids outside 0..{self.spec.vocab_size - 1}")
+            x = self.tokenizer.decode(codes).numpy() if len(codes) else \
+                np.zeros((0, cfg.height, cfg.width, cfg.channels), np.float32)
+            x = x[..., 0] if cfg.channels == 1 else x
+            return list(x)
+        if self.kind == "values":
+            grid = self.sequence_to_values(seq)  # (N, h, w, c)
+            if grid.numel() and not torch.isfinite(grid).all():
+                raise SeqgenError("image: token values must be finite")
+        else:
+            grid = self.sequence_to_grid(seq)
+            if grid.numel() and (int(grid.min()) < 0 or int(grid.max()) >= self.spec.vocab_size):
+                raise SeqgenError(f"image: token ids outside 0..{self.spec.vocab_size - 1}")
         if self.tokenizer is None:
             if self._joint:
                 base = cfg.levels ** torch.arange(cfg.channels)
@@ -286,7 +498,7 @@ class ImageDomain:
         else:
             tk, (th, tw) = self.tokenizer, self.tiles
             gh, gw = tk.grid
-            codes = grid[..., 0]
+            codes = grid if self.kind == "values" else grid[..., 0]
             x = np.zeros((grid.shape[0], cfg.height, cfg.width, cfg.channels), np.float32)
             for i in range(th):
                 for j in range(tw):
@@ -319,6 +531,13 @@ class ImageDomain:
     def write_samples(self, images, path: str | Path, nrow: int | None = None, **_) -> Path:
         """Save images as one PNG grid (each cell scaled up to at least 32 px)."""
         return save_image_grid(np.stack([np.asarray(x) for x in images]), path, nrow)
+
+
+def _value_sequence(values: Tensor, pos: Tensor) -> TokenSequence:
+    """Continuous tokens (N, L, c) -> a TokenSequence whose ids are -1 (value tokens)."""
+    N, L = values.shape[:2]
+    return TokenSequence(ids=torch.full((N, L), -1, dtype=torch.long), values=values, pos=pos,
+                         modality=torch.zeros(N, L, dtype=torch.long), valid=torch.ones(N, L, dtype=torch.bool))
 
 
 def _has_tokenizer(run_dir: str) -> bool:

@@ -10,9 +10,16 @@ trainer, measure it, and load a trained one for the image domain.
 
 Held-out metrics: ``recon_mse`` (mean squared error per pixel and channel), ``recon_psnr``
 (10 log10(1 / recon_mse), pixels in [0, 1]), ``mean_image_mse`` (the MSE of always predicting the
-training split's mean image: a tokenizer must do much better), ``codebook_usage`` (fraction of the
-prod(levels) codes used at least once on the held-out split) and ``code_perplexity`` (exp of the
-entropy of the held-out code histogram: the effective number of codes in use).
+training split's mean image: a tokenizer must do much better), and
+
+  discrete tokenizers (``vocab_size``: fsq, msfsq): ``codebook_usage`` (fraction of the vocabulary used at
+      least once on the held-out split) and ``code_perplexity`` (exp of the entropy of the held-out code
+      histogram: the effective number of codes in use);
+  multi-scale tokenizers (``scales``: msfsq): ``prefix_mse_k`` / ``prefix_psnr_k`` for k = 1 .. K, the
+      reconstruction error from the first k scales alone (coarse to fine; k = K is ``recon_mse``);
+  continuous tokenizers (``latent_dim``, no vocabulary: ae): ``latent_mean`` and ``latent_std`` (over
+      every value of the held-out tokens; about 0 and 1 for normalised latents) and ``latent_std_min`` /
+      ``latent_std_max`` (the extremes of the per-channel standard deviations).
 """
 from __future__ import annotations
 
@@ -66,6 +73,33 @@ def code_statistics(indices: Tensor, vocab_size: int) -> dict[str, float]:
     return {"codebook_usage": float((counts > 0).sum()) / vocab_size, "code_perplexity": float(entropy.exp())}
 
 
+def psnr(mse: float) -> float:
+    """10 log10(1 / mse) for pixels in [0, 1]."""
+    return 10 * math.log10(1 / max(mse, 1e-12))
+
+
+def is_continuous(tokenizer) -> bool:
+    """A continuous tokenizer (latent vectors, no vocabulary: ae) rather than a discrete one (codes)."""
+    return getattr(tokenizer, "vocab_size", None) is None and getattr(tokenizer, "latent_dim", None) is not None
+
+
+def tokens_per_image(tokenizer) -> int:
+    """Tokens one tokenizer-sized image becomes: the codes of every scale, or the cells of the grid."""
+    if getattr(tokenizer, "scales", None):
+        return sum(h * w for h, w in tokenizer.scales)
+    h, w = tokenizer.grid
+    return h * w
+
+
+def latent_statistics(latents: Tensor) -> dict[str, float]:
+    """Mean and standard deviation of continuous tokens (..., c): over all values, and the extremes of the
+    per-channel standard deviations."""
+    v = latents.reshape(-1, latents.shape[-1]).double()
+    per_channel = v.std(0, unbiased=False)
+    return {"latent_mean": float(v.mean()), "latent_std": float(v.std(unbiased=False)),
+            "latent_std_min": float(per_channel.min()), "latent_std_max": float(per_channel.max())}
+
+
 class TokenizerTask:
     """What the trainer, ``seqgen eval`` and ``seqgen sample`` need from a tokenizer run."""
 
@@ -102,9 +136,8 @@ class TokenizerTask:
         return ImageBatch(images[draw])
 
     def count_tokens(self, batch: ImageBatch) -> int:
-        """Codes (patches) in a batch: the trainer's throughput counter."""
-        h, w = self.model.grid
-        return batch.images.shape[0] * h * w
+        """Tokens in a batch (codes of every scale, or latent vectors): the trainer's throughput counter."""
+        return batch.images.shape[0] * tokens_per_image(self.model)
 
     # ------------------------------------------------------------------ held-out metrics
     @torch.no_grad()
@@ -116,24 +149,37 @@ class TokenizerTask:
         device = device or next(model.parameters()).device
         was_training = model.training
         model.eval()
-        sq, n_dims, codes = 0.0, 0, []
+        continuous = is_continuous(model)
+        K = len(getattr(model, "scales", None) or []) if hasattr(model, "decode_scales") else 0
+        sq, n_dims, tokens, prefix_sq = 0.0, 0, [], [0.0] * K
         try:
             for b, i in enumerate(range(0, len(self.heldout_images), batch_size)):
                 if max_batches and b >= max_batches:
                     break
                 x = self.heldout_images[i:i + batch_size].to(device)
-                recon, idx = model(x)
+                recon, tok = model(x)
                 sq += float((recon.float() - x).pow(2).sum())
                 n_dims += x.numel()
-                codes.append(idx.cpu())
+                tokens.append(tok.detach().float().cpu() if continuous else tok.cpu())
+                if K:
+                    scales = model.split(tok)
+                    for k in range(K - 1):  # the last prefix is the whole reconstruction
+                        prefix_sq[k] += float((model.decode_scales(scales[:k + 1]).float() - x).pow(2).sum())
+                    prefix_sq[K - 1] = sq
         finally:
             model.train(was_training)
         mse = sq / max(n_dims, 1)
-        seen = torch.cat(codes)
+        seen = torch.cat(tokens)
         mean_image = self.train_images.mean(0)
         baseline = float((self.heldout_images[:len(seen)] - mean_image).pow(2).mean())
-        out = {"recon_mse": mse, "recon_psnr": 10 * math.log10(1 / max(mse, 1e-12)), "mean_image_mse": baseline}
-        out.update(code_statistics(seen, model.vocab_size))
+        out = {"recon_mse": mse, "recon_psnr": psnr(mse), "mean_image_mse": baseline}
+        for k in range(K):
+            out[f"prefix_mse_{k + 1}"] = prefix_sq[k] / max(n_dims, 1)
+            out[f"prefix_psnr_{k + 1}"] = psnr(out[f"prefix_mse_{k + 1}"])
+        if continuous:
+            out.update(latent_statistics(seen))
+        else:
+            out.update(code_statistics(seen, model.vocab_size))
         return out
 
     def evaluate_run(self, device=None) -> dict:
@@ -144,7 +190,13 @@ class TokenizerTask:
         res = {"run": str(self.run_dir) if self.run_dir is not None else "",
                "name": self.cfg.name, "checkpoint": self.checkpoint.name if self.checkpoint is not None else "",
                "parameters": sum(p.numel() for p in m.parameters()),
-               "vocab_size": m.vocab_size, "grid": list(m.grid), "heldout_images": len(self.heldout_images)}
+               "vocab_size": getattr(m, "vocab_size", None), "grid": list(m.grid),
+               "heldout_images": len(self.heldout_images)}
+        if is_continuous(m):
+            res["latent_dim"] = m.latent_dim
+        if getattr(m, "scales", None):
+            res["scales"] = [list(hw) for hw in m.scales]
+        res["tokens_per_image"] = tokens_per_image(m)
         res.update(self.heldout_metrics(m, device=device))
         res["seconds"] = time.time() - t0
         return res
@@ -181,8 +233,10 @@ def load_tokenizer(run_dir: str | Path) -> nn.Module:
     """Rebuild a trained tokenizer from its run folder alone: eval mode, on the CPU, no gradients.
 
     Reads the newest checkpoint's config.json and weights (EMA weights when the run kept them, as
-    ``load_run`` does).  The returned module has ``height, width, channels, grid, vocab_size`` and
-    ``encode`` / ``decode``.  Codes cached from an older checkpoint (``RUN_DIR/codes``) are removed.
+    ``load_run`` does).  The returned module has ``height, width, channels, grid`` and ``encode`` /
+    ``decode``; a discrete tokenizer has ``vocab_size`` (a multi-scale one also ``scales``), a continuous
+    one ``latent_dim`` and ``vocab_size`` None.  Codes cached from an older checkpoint (``RUN_DIR/codes``)
+    are removed.
     """
     run_dir = Path(run_dir).expanduser()
     if not run_dir.is_dir():

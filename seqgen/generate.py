@@ -66,6 +66,30 @@ class Plan:
         return self.slot_pos.shape[0]
 
 
+class _Slots:
+    """One row's slot table, built a run of slots at a time (a whole target segment in one call)."""
+
+    def __init__(self):
+        self.pos: list[Tensor] = []
+        self.cols: list[Tensor] = []  # (n, 7): mod, kind, forced, target, index, var, end_slot
+        self.n = 0
+
+    def add(self, pos: Tensor, mod: int, kind: int, forced: int, target: int, index, var: bool, end: int) -> None:
+        pos = pos.reshape(-1, NUM_AXES).long()
+        n = len(pos)
+        c = torch.tensor([mod, kind, forced, target, 0, int(var), end], dtype=torch.long).repeat(n, 1)
+        c[:, 4] = index if torch.is_tensor(index) else int(index)
+        self.pos.append(pos)
+        self.cols.append(c)
+        self.n += n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def tensors(self) -> tuple[Tensor, Tensor]:
+        return torch.cat(self.pos), torch.cat(self.cols)
+
+
 def _wrap(piece: Piece, spec: DomainSpec, offset: int) -> tuple[list[int], Tensor, int]:
     """(ids, coordinates, next offset) of one prompt piece wrapped in begin / end ids."""
     n = piece.length
@@ -110,7 +134,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
             group += [g if p.role == "cond" else -1] * len(i)
             if C is not None:
                 vals.append(wrapped_values(p, len(i)))
-        row_slots = []  # (pos, mod, kind, forced, target, index, var, end_slot)
+        row_slots = _Slots()
         for j, t in enumerate(targets[b]):
             spec = specs[t.modality]
             perm = None if orders is None or orders[b][j] is None else orders[b][j]
@@ -127,8 +151,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
                     group += [-1] * len(i)
                     if C is not None:
                         vals.append(wrapped_values(t.prefix, len(i)))
-                for k in range(len(local)):
-                    row_slots.append((local[k] + offset, t.modality, DATA, -1, j, int(index[k]), False, -1))
+                row_slots.add(local + offset, t.modality, DATA, -1, j, index, False, -1)
                 continue
             begin_pos = torch.full((NUM_AXES,), offset)
             if j == 0:  # the prompt ends with the first target's BEGIN
@@ -139,13 +162,12 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
                 if C is not None:
                     vals.append(torch.zeros(1, C))
             else:
-                row_slots.append((begin_pos, t.modality, BEGIN, spec.begin_id, j, -1, False, -1))
+                row_slots.add(begin_pos.view(1, -1), t.modality, BEGIN, spec.begin_id, j, -1, False, -1)
             g = local + offset + 1
             end_at = len(row_slots) + len(local)
-            for k in range(len(local)):
-                row_slots.append((g[k], t.modality, DATA, -1, j, int(index[k]), t.variable, end_at))
+            row_slots.add(g, t.modality, DATA, -1, j, index, t.variable, end_at)
             top = int(g.max()) if len(g) else offset
-            row_slots.append((torch.full((NUM_AXES,), top + 1), t.modality, END, spec.end_id, j, -1, False, end_at))
+            row_slots.add(torch.full((1, NUM_AXES), top + 1), t.modality, END, spec.end_id, j, -1, False, end_at)
             offset = top + 2
         if not ids:
             raise SeqgenError("generation needs a prompt: a condition, a begin id or text to continue")
@@ -169,20 +191,22 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
             p_vals[r, P - n:] = v
         if n < P:
             p_pos[r, :P - n] = q[0]
+    rows_t = [sl.tensors() for sl in slots]  # per row: (pos (n, 3), (n, 7) long columns)
     fields = [torch.zeros(R, S, NUM_AXES, dtype=torch.long)] + [torch.zeros(R, S, dtype=torch.long) for _ in range(5)]
     var = torch.zeros(R, S, dtype=torch.bool)
     end_slot = torch.full((R, S), -1, dtype=torch.long)
     n_slots = torch.tensor([len(s) for s in slots])
-    for r, row in enumerate(slots):
-        for s, (q, m, kind, forced, j, idx, v, e) in enumerate(row):
-            fields[0][r, s] = q
-            fields[1][r, s], fields[2][r, s], fields[3][r, s], fields[4][r, s], fields[5][r, s] = m, kind, forced, j, idx
-            var[r, s], end_slot[r, s] = v, e
-        if len(row) < S:  # finished rows repeat their last slot (never used)
-            fields[0][r, len(row):] = fields[0][r, len(row) - 1]
-            fields[1][r, len(row):] = fields[1][r, len(row) - 1]
-            fields[3][r, len(row):] = 0
-            fields[2][r, len(row):] = END
+    for r, (q, cols) in enumerate(rows_t):
+        n = len(q)
+        fields[0][r, :n] = q
+        for f in range(1, 6):  # mod, kind, forced, target, index
+            fields[f][r, :n] = cols[:, f - 1]
+        var[r, :n], end_slot[r, :n] = cols[:, 5].bool(), cols[:, 6]
+        if n < S:  # finished rows repeat their last slot (never used)
+            fields[0][r, n:] = q[n - 1]
+            fields[1][r, n:] = cols[n - 1, 0]
+            fields[3][r, n:] = 0
+            fields[2][r, n:] = END
     first = fields[0][:, :1]
     tp = torch.cat([p_pos[:, 1:], first], 1)
     prompt = TokenSequence(ids=p_ids, values=p_vals, pos=p_pos, modality=p_mod, valid=p_valid)

@@ -170,3 +170,12 @@ def test_head_rejects_continuous_domain():
         CategoricalHead(CategoricalHead.Config(), 8, DomainSpec("v", value_dim=4))
     with pytest.raises(SeqgenError, match="continuous"):
         DomainSpec("v", value_dim=4).head_size
+
+
+def test_inverse_cdf_draws_never_pick_zero_probability_ids():
+    from seqgen.sampling import draw_categorical
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.5, 0.0], [1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0, 1.0]])
+    ids = draw_categorical(probs.repeat(2000, 1), torch.Generator().manual_seed(0)).view(2000, 3)
+    assert set(ids[:, 0].tolist()) == {1, 3} and (ids[:, 1] == 0).all() and (ids[:, 2] == 4).all()
+    assert abs((ids[:, 0] == 1).float().mean().item() - 0.5) < 0.04

@@ -354,9 +354,12 @@ class AutoRegressive:
             done += 1
             if progress is not None:
                 progress(min(done, total), total)
-            if not bool((ptr < n_slots).any()):
+            left = ptr < n_slots
+            if not bool(left.any()):
                 break
             nxt = ptr.clamp(max=S - 1)
+            if bool((~left | ((ptr == n_slots - 1) & (forced[rows, nxt] >= 0))).all()):
+                break  # all that is left is each row's final END: forced, so no forward pass is needed for it
             tp = pos[rows, nxt].unsqueeze(1)
             step = TokenSequence(ids=tok.clamp(min=-1).unsqueeze(1), values=None if vals is None else vals.unsqueeze(1),
                                  pos=feed_pos.unsqueeze(1), modality=m_now.unsqueeze(1),

@@ -21,8 +21,9 @@ on the held-out split (1,000 MNIST test digits, read once):
   classifier's 128-d features against the held-out images (FD-digits), beside the real-vs-real figure
   (1,000 training digits against the held-out set);
 * forward passes of the backbone per image (counted by a hook while sampling), and sampling wall-clock
-  for 100 images in one batch of 100 (temperature 1, no guidance), all variants timed in one process
-  one after another, best of ``--repeats``;
+  for 100 images in one batch of 100 and in batches of one (latency; temperature 1, no guidance), all
+  variants timed in one process one after another, best of ``--repeats``, with the precision training
+  used (``--precision auto``: bf16 autocast on a CPU with native bf16);
 * held-out NLL in bits per pixel where the method defines one: exact for next-token (ar), an upper
   bound for masked (the any-order evidence bound), exact for the multi-scale codes for next_scale (a
   likelihood of all scales, not comparable to one grid's), none for diffusion / flow heads (their
@@ -115,8 +116,13 @@ class PassCounter:
         self.handle.remove()
 
 
-def score_variant(name: str, cfg: str, steps, args, reference: dict) -> dict:
+def score_variant(name: str, cfg: str, steps, args, reference: dict, bf16: bool = False) -> dict:
+    """Held-out NLL, sample scores and sampling cost of one trained variant.  The model runs under bf16
+    autocast when ``bf16`` (as in training); the digit classifier always in float32."""
     from seqgen.task import load_run
+
+    def amp():
+        return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16)
 
     run = Path(args.runs) / Path(cfg).stem
     task = load_run(run)
@@ -127,7 +133,8 @@ def score_variant(name: str, cfg: str, steps, args, reference: dict) -> dict:
            "steps": steps, "nll_kind": getattr(task.paradigm, "nll_kind", "exact")}
     summary = json.loads((run / "train_summary.json").read_text())
     res["train_steps"], res["train_seconds"] = summary.get("steps"), summary.get("train_seconds")
-    nll = task.evaluate_nll(batch_size=256)
+    with amp():
+        nll = task.evaluate_nll(batch_size=256)
     key = f"{entry.name}/image"
     if f"{key}/bits_per_dim" in nll:
         res["heldout_bits_per_dim"] = nll[f"{key}/bits_per_dim"]
@@ -143,7 +150,9 @@ def score_variant(name: str, cfg: str, steps, args, reference: dict) -> dict:
     for tag, scale in (("temperature_1", 1.0), ("guided", args.cfg_scale)):
         g = torch.Generator().manual_seed(1234)
         t0 = time.time()
-        gen = task.generate(entry=entry.name, conds=conds, generator=g, cfg_scale=scale, batch_size=500, steps=steps)
+        with amp():
+            gen = task.generate(entry=entry.name, conds=conds, generator=g, cfg_scale=scale, batch_size=500,
+                                steps=steps)
         scores = entry.source.score("image", sub, [r["image"] for r in gen])
         res[f"accuracy_{tag}"] = scores["accuracy"]
         res[f"fd_{tag}"] = scores["fd_vs_heldout"]
@@ -152,17 +161,24 @@ def score_variant(name: str, cfg: str, steps, args, reference: dict) -> dict:
     # cost: forward passes per image and wall-clock per 100 images (one batch of 100, no guidance)
     conds100 = [{"label": i % 10} for i in range(100)]
     counter = PassCounter(model)
-    task.generate(entry=entry.name, conds=conds100, generator=torch.Generator().manual_seed(0), batch_size=100,
-                  steps=steps)
+    with amp():
+        task.generate(entry=entry.name, conds=conds100, generator=torch.Generator().manual_seed(0), batch_size=100,
+                      steps=steps)
     counter.close()
     res["forward_passes_per_image"] = counter.n
     best = float("inf")
     for _ in range(args.repeats):
         t0 = time.perf_counter()
-        task.generate(entry=entry.name, conds=conds100, generator=torch.Generator().manual_seed(0), batch_size=100,
-                      steps=steps)
+        with amp():
+            task.generate(entry=entry.name, conds=conds100, generator=torch.Generator().manual_seed(0), batch_size=100,
+                          steps=steps)
         best = min(best, time.perf_counter() - t0)
     res["sample_seconds_per_100"] = best
+    t0 = time.perf_counter()  # latency: one image at a time (20 images, scaled to 100)
+    with amp():
+        task.generate(entry=entry.name, conds=conds100[:20], generator=torch.Generator().manual_seed(0), batch_size=1,
+                      steps=steps)
+    res["sample_seconds_per_100_batch_1"] = (time.perf_counter() - t0) * 5
     return res
 
 
@@ -175,6 +191,9 @@ def main() -> None:
     ap.add_argument("--cfg_scale", type=float, default=2.0)
     ap.add_argument("--repeats", type=int, default=3, help="timed sampling runs per variant (best kept)")
     ap.add_argument("--threads", type=int, default=2, help="threads while scoring and timing")
+    ap.add_argument("--precision", default="auto", choices=["auto", "32"],
+                    help="sampling precision: auto = what training's precision: auto picks on this CPU (bf16 "
+                         "autocast where bf16 is native and faster), 32 = float32")
     ap.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paradigms_mnist.json"))
@@ -191,23 +210,29 @@ def main() -> None:
 
     first = load_run(Path(args.runs) / Path(VARIANTS[0][1]).stem)
     reference = first.entries[0].source.reference_scores("image")
+    from seqgen.precision import resolve_precision
+
+    precision, why = resolve_precision("auto", "cpu") if args.precision == "auto" else ("32-true", "asked for")
+    print(f"sampling precision: {precision} ({why})", flush=True)
     rows = []
     for name, cfg, steps in VARIANTS:
         print(f"scoring {name} ...", flush=True)
-        rows.append(score_variant(name, cfg, steps, args, reference))
+        rows.append(score_variant(name, cfg, steps, args, reference, bf16="bf16" in precision))
         print_table(rows[-1:], list(rows[-1]))
     ar = next((r for r in rows if r["variant"] == "ar"), None)
     if ar is not None:
         for r in rows:
             r["passes_vs_ar"] = ar["forward_passes_per_image"] / r["forward_passes_per_image"]
             r["speedup_vs_ar"] = ar["sample_seconds_per_100"] / r["sample_seconds_per_100"]
+            r["speedup_vs_ar_batch_1"] = ar["sample_seconds_per_100_batch_1"] / r["sample_seconds_per_100_batch_1"]
             r["guided_accuracy_minus_ar"] = r["accuracy_guided"] - ar["accuracy_guided"]
     cols = ["variant", "parameters", "train_steps", "accuracy_temperature_1", "accuracy_guided", "fd_guided",
             "fd_real_vs_real", "forward_passes_per_image", "sample_seconds_per_100", "speedup_vs_ar",
-            "heldout_bits_per_dim"]
+            "speedup_vs_ar_batch_1", "heldout_bits_per_dim"]
     print_table(rows, cols)
     write_json(args.out, "bench_paradigms", torch.device("cpu"), rows,
                {"time_limit": args.time_limit, "parallel": args.parallel, "cfg_scale": args.cfg_scale,
+                "sampling_precision": precision,
                 "samples": args.samples, "reference": reference, "wall_seconds": time.time() - t0,
                 "protocol": "class-conditional MNIST; same backbone; same training seconds, one thread each; "
                             "held-out scores read once; no hyper-parameter chosen on them"})

@@ -32,6 +32,8 @@ def cmd_train(argv: list[str]) -> int:
     ap.add_argument("--resume", action="store_true", help="continue the run in the run folder")
     ap.add_argument("--overwrite", action="store_true", help="delete an existing run in the run folder first")
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    ap.add_argument("--no-heldout", action="store_true",
+                    help="skip the final held-out evaluation (runs that choose a config on the validation split)")
     ap.add_argument("-h", "--help", action="store_true")
     args, overrides = ap.parse_known_args(argv)
     from .config import RunConfig, build_parser, resolve_config
@@ -53,7 +55,8 @@ def cmd_train(argv: list[str]) -> int:
     out = Path(args.out or Path("runs") / cfg.name)
     from .train import train
 
-    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress)
+    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress_bar=not args.no_progress,
+                    heldout=not args.no_heldout)
     if summary.get("global_rank", 0) == 0:
         print(f"run folder: {out}")
     return 0

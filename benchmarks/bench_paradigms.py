@@ -137,9 +137,17 @@ def score_variant(name: str, cfg: str, steps, args, reference: dict, bf16: bool 
     task = load_run(run)
     entry = task.entries[0]
     model = task.model
+    knobs = dict(args.knobs.get(name, {}))
+    if "choice_temperature" in knobs:  # sampling-time settings of the paradigm and the head
+        task.paradigm.config.choice_temperature = float(knobs["choice_temperature"])
+    if "head_steps" in knobs:
+        model.heads["image"].config.sample_steps = int(knobs["head_steps"])
+    guided_scale = float(knobs.get("cfg_scale", args.cfg_scale))
+    guided_temperature = float(knobs.get("guided_temperature", 1.0))
+    cfg_schedule = knobs.get("cfg_schedule", "constant")
     res = {"variant": name, "config": f"examples/configs/paradigms/{cfg}", "parameters": model.num_parameters(),
            "paradigm": task.cfg.component("paradigm")[0], "head": task.cfg.heads["image"]["name"],
-           "steps": steps, "nll_kind": getattr(task.paradigm, "nll_kind", "exact")}
+           "steps": steps, "nll_kind": getattr(task.paradigm, "nll_kind", "exact"), "sampling_knobs": knobs}
     summary = json.loads((run / "train_summary.json").read_text())
     res["train_steps"], res["train_seconds"] = summary.get("steps"), summary.get("train_seconds")
     with amp():
@@ -156,12 +164,13 @@ def score_variant(name: str, cfg: str, steps, args, reference: dict, bf16: bool 
     labels = np.asarray(recs["label"])[idx]
     sub = {"label": labels, "image": np.asarray(recs["image"])[idx]}
     conds = [{"label": int(y)} for y in labels]
-    for tag, scale in (("temperature_1", 1.0), ("guided", args.cfg_scale)):
+    for tag, scale, temperature, schedule in (("temperature_1", 1.0, 1.0, "constant"),
+                                              ("guided", guided_scale, guided_temperature, cfg_schedule)):
         g = torch.Generator().manual_seed(1234)
         t0 = time.time()
         with amp():
             gen = task.generate(entry=entry.name, conds=conds, generator=g, cfg_scale=scale, batch_size=500,
-                                steps=steps)
+                                steps=steps, temperature=temperature, cfg_schedule=schedule)
         images = [r["image"] for r in gen]
         if args.split == "heldout":
             scores = entry.source.score("image", sub, images)
@@ -176,6 +185,8 @@ def score_variant(name: str, cfg: str, steps, args, reference: dict, bf16: bool 
             res[f"fd_{tag}"] = frechet_distance(feats, classify(clf, np.asarray(recs["image"]))[1])
         res[f"seconds_{tag}_{n}"] = time.time() - t0
     res["fd_real_vs_real"] = reference["fd_real_train_vs_heldout"]
+    if args.no_timing:
+        return res
     # cost: forward passes per image and wall-clock per 100 images (one batch of 100, no guidance)
     conds100 = [{"label": i % 10} for i in range(100)]
     counter = PassCounter(model)
@@ -217,10 +228,19 @@ def main() -> None:
     ap.add_argument("--precision", default="auto", choices=["auto", "32"],
                     help="sampling precision: auto = what training's precision: auto picks on this CPU (bf16 "
                          "autocast where bf16 is native and faster), 32 = float32")
+    ap.add_argument("--knob", action="append", default=[], metavar="VARIANT:key=value",
+                    help="a sampling setting for one variant: cfg_scale, guided_temperature, cfg_schedule (of the guided "
+                         "set), choice_temperature (masked), head_steps (diffusion head)")
+    ap.add_argument("--no_timing", action="store_true", help="skip the sampling-cost measurements")
     ap.add_argument("--variants", default="", help="comma-separated subset (default: all)")
     ap.add_argument("--skip_train", action="store_true")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "paradigms_mnist.json"))
     args = ap.parse_args()
+    args.knobs = {}
+    for item in args.knob:
+        variant, _, kv = item.partition(":")
+        key, _, value = kv.partition("=")
+        args.knobs.setdefault(variant, {})[key] = value
     global VARIANTS
     if args.variants:
         keep = set(args.variants.split(","))
@@ -244,7 +264,7 @@ def main() -> None:
         rows.append(score_variant(name, cfg, steps, args, reference, bf16="bf16" in precision))
         print_table(rows[-1:], list(rows[-1]))
     ar = next((r for r in rows if r["variant"] == "ar"), None)
-    if ar is not None:
+    if ar is not None and not args.no_timing:
         for r in rows:
             r["passes_vs_ar"] = ar["forward_passes_per_image"] / r["forward_passes_per_image"]
             r["speedup_vs_ar"] = ar["sample_seconds_per_100"] / r["sample_seconds_per_100"]
@@ -258,7 +278,7 @@ def main() -> None:
                {"time_limit": args.time_limit, "parallel": args.parallel, "cfg_scale": args.cfg_scale,
                 "sampling_precision": precision,
                 "samples": args.samples, "reference": reference, "wall_seconds": time.time() - t0,
-                "split": args.split, "overrides": args.set,
+                "split": args.split, "overrides": args.set, "knobs": args.knob,
                 "protocol": "class-conditional MNIST; same backbone; same training seconds, one thread each; "
                             "held-out scores read once; no hyper-parameter chosen on them"})
 

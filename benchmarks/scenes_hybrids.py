@@ -52,6 +52,10 @@ def main() -> None:
     ap.add_argument("--models", default="showo,transfusion")
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--skip_train", action="store_true", help="score runs that exist")
+    ap.add_argument("--skip_eval", action="store_true", help="read RUN/eval.json where it exists")
+    ap.add_argument("--threads", type=int, default=0,
+                    help="train.threads for each run (0: the config's, all cores); the note says which was used")
+    ap.add_argument("--note", default="", help="how the runs were made (kept in the JSON)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "mnist_scenes_hybrids.json"))
     args = ap.parse_args()
     rows, detail = [], {}
@@ -64,10 +68,12 @@ def main() -> None:
         seqgen = [sys.executable, "-m", "seqgen.cli"]
         t0 = time.time()
         if not args.skip_train:
-            subprocess.run(seqgen + ["train", str(cfg), "--no-progress", "--overwrite", "--out", str(run)], check=True,
-                           cwd=ROOT)
+            extra = [f"--train.threads={args.threads}"] if args.threads else []
+            subprocess.run(seqgen + ["train", str(cfg), "--no-progress", "--overwrite", *extra, "--out", str(run)],
+                           check=True, cwd=ROOT)
         wall = time.time() - t0
-        subprocess.run(seqgen + ["eval", str(run)], check=True, cwd=ROOT)
+        if not (args.skip_eval and (run / "eval.json").exists()):
+            subprocess.run(seqgen + ["eval", str(run)], check=True, cwd=ROOT)
         ev = json.loads((run / "eval.json").read_text())
         train = json.loads((run / "train_summary.json").read_text())
         r = row(f"{name} ({cfg.name})", ev, train)
@@ -82,7 +88,7 @@ def main() -> None:
     from common import device_name
 
     out = {"benchmark": "scenes_hybrids", "device": device_name(torch.device("cpu")), "torch": torch.__version__,
-           "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows,
+           "date": time.strftime("%Y-%m-%d %H:%M"), "rows": rows, "note": args.note,
            "reference": REFERENCE, "detail": detail}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(out, indent=2, default=str))

@@ -71,12 +71,12 @@ class TokenShuffle(nn.Module):
         if valid is not None:
             x = x * valid.unsqueeze(-1).to(x.dtype)
         g = self.merge(x)
-        return self.fold(g.reshape(*g.shape[:2], -1))
+        return self.fold(g.reshape(*g.shape[:2], -1)).to(x.dtype)  # the residual stream keeps the embeddings' dtype
 
     def unshuffle(self, h: Tensor) -> Tensor:
         """(B, G, D) backbone states -> (B, G * group, D), one per token."""
         B, G, D = h.shape
-        return self.split(self.unfold(h).view(B, G, self.group, D))
+        return self.split(self.unfold(h).to(h.dtype).view(B, G, self.group, D))
 
 
 class SeqModel(nn.Module):
@@ -171,9 +171,12 @@ class SeqModel(nn.Module):
                 fe = self.feature_embeds[s.name](f[torch.where(in_vocab, ids, 0)].to(e.dtype))
                 e = e + fe * in_vocab.unsqueeze(-1).to(e.dtype)
             if s.value_dim is not None:
-                if seq.values is None:
+                if seq.values is not None:
+                    e = torch.where(is_value.unsqueeze(-1), self.value_embeds[s.name](seq.values.to(e.dtype)), e)
+                elif bool((is_value if sel is None else is_value & sel).any()):
+                    # no values at all is fine when no token is a value token (a null condition stands in for
+                    # the only continuous segment); value tokens without values are an error
                     raise SeqgenError(f"domain {s.name!r} is continuous but the sequence has no values")
-                e = torch.where(is_value.unsqueeze(-1), self.value_embeds[s.name](seq.values.to(e.dtype)), e)
             x = e if x is None else torch.where(sel.unsqueeze(-1), e, x)
         if self.target_pos is not None:
             if target_pos is None:

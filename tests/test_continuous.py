@@ -107,3 +107,21 @@ def test_masked_continuous_training_scores_masked_values_in_place():
     ev = Masked().prepare([[cond(1), target_piece(vals)]], specs=SPECS, train=False)
     _, metrics = m.loss(ev)  # the evidence-bound weights do not apply to a denoising loss
     assert int(metrics["val/count"]) == int(ev.loss_mask.sum())
+
+
+def test_a_null_condition_in_place_of_the_only_continuous_segment_needs_no_values():
+    """image -> caption with the image dropped (guidance, or the NLL without the condition): the batch holds
+    no value token at all, and the model reads it without values."""
+    TXT = DomainSpec("txt", vocab_size=7)
+    specs = [VAL, TXT]
+    torch.manual_seed(0)
+    bb = BACKBONES.build("transformer", {"dim": 16, "layers": 1, "heads": 2})
+    m = SeqModel(specs, bb, {"txt": HEADS.build("categorical", {}, 16, TXT)})
+    img = Piece(0, torch.full((4,), -1), line_positions(4)[0], torch.ones(4), role="cond", values=torch.randn(4, 2))
+    cap = Piece(1, torch.tensor([1, 2, 3]), line_positions(3)[0], torch.ones(3), role="target", variable=True)
+    with_image = AutoRegressive().prepare([[img, cap]], specs=specs, train=False)
+    null = AutoRegressive().prepare([[img, cap]], specs=specs, train=False, null=True)
+    assert with_image.inputs.values is not None and null.inputs.values is None
+    loss_null, _ = m.loss(null)
+    loss_img, _ = m.loss(with_image)
+    assert torch.isfinite(loss_null) and torch.isfinite(loss_img)

@@ -230,7 +230,9 @@ class SeqModel(nn.Module):
             sel = self._selects(batch, k)
             if s.vocab_size is None:
                 if batch.target_values is None:
-                    raise SeqgenError(f"domain {s.name!r} is continuous but the batch has no value targets")
+                    if bool(sel.any()):
+                        raise SeqgenError(f"domain {s.name!r} is continuous but the batch has no value targets")
+                    continue  # no target of this domain here (an image -> caption batch with the image dropped)
                 targets = batch.target_values[sel]
             else:
                 targets = batch.targets[sel]

@@ -116,7 +116,8 @@ def test_a_null_condition_in_place_of_the_only_continuous_segment_needs_no_value
     specs = [VAL, TXT]
     torch.manual_seed(0)
     bb = BACKBONES.build("transformer", {"dim": 16, "layers": 1, "heads": 2})
-    m = SeqModel(specs, bb, {"txt": HEADS.build("categorical", {}, 16, TXT)})
+    flow = HEADS.build("diffusion", {"width": 16, "depth": 1, "time_embed_dim": 16}, 16, VAL)
+    m = SeqModel(specs, bb, {"txt": HEADS.build("categorical", {}, 16, TXT), "val": flow})  # both directions' heads
     img = Piece(0, torch.full((4,), -1), line_positions(4)[0], torch.ones(4), role="cond", values=torch.randn(4, 2))
     cap = Piece(1, torch.tensor([1, 2, 3]), line_positions(3)[0], torch.ones(3), role="target", variable=True)
     with_image = AutoRegressive().prepare([[img, cap]], specs=specs, train=False)

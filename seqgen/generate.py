@@ -60,6 +60,7 @@ class Plan:
     out_values: Tensor | None = None  # (R, S, C)
     filled: Tensor | None = None  # (R, S) bool: slots that hold a generated token
     extras: dict = field(default_factory=dict)
+    specs: list | None = None  # the run's domain specs (paradigms read them in prompt_mask)
 
     @property
     def rows(self) -> int:
@@ -212,7 +213,7 @@ def build_plan(conds: list[list[Piece]], targets: list[list[Target]], specs: lis
     prompt = TokenSequence(ids=p_ids, values=p_vals, pos=p_pos, modality=p_mod, valid=p_valid)
     return Plan(prompt=prompt, prompt_target_pos=tp, prompt_group=p_group, slot_pos=fields[0], slot_mod=fields[1],
                 slot_kind=fields[2], slot_forced=fields[3], slot_target=fields[4], slot_index=fields[5], slot_var=var,
-                end_slot=end_slot, n_slots=n_slots, targets=targets, guided=guided)
+                end_slot=end_slot, n_slots=n_slots, targets=targets, guided=guided, specs=list(specs))
 
 
 def outputs(plan: Plan, b: int, j: int) -> TokenSequence:

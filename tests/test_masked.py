@@ -194,3 +194,36 @@ def test_masked_model_learns_digits_below_the_uniform_bound(tmp_path):
         assert len(out) == 4 and out[0]["image"].shape == (8, 8)
     with pytest.raises(SeqgenError, match="sampling order"):
         task.generate(entry="label_to_image", conds=[{"label": 1}], order="random")
+
+
+def test_next_token_decoding_of_n_tokens_takes_n_passes():
+    """The forward-pass count the paradigm comparison reports: the prefill predicts the first token and
+    each later token costs one pass; the forced END of a fixed-length segment costs none."""
+    from seqgen.paradigms.ar import AutoRegressive
+
+    _, img, _, specs = domains()
+    spy = SpyModel(model_for(specs, [IMAGE]))
+    plan = _decode(AutoRegressive(), spy, specs)
+    assert len(spy.calls) == 16 and plan.filled[:, :16].all()
+
+
+def test_listed_domains_are_read_both_ways_as_conditions_too():
+    """Show-o's omni-attention: a scene conditioning a caption attends within itself both ways, as it does
+    when it is generated; a text condition stays causal; the prefill uses the same pattern."""
+    label, img, txt, specs = domains()
+    x = images(1, g=torch.Generator().manual_seed(0))
+    to_text = [piece(img, IMAGE, x[0], "cond"), piece(txt, TEXT, "a dog", "target")]
+    p = Masked(Masked.Config(domains=["image"], cond_dropout=0.0))
+    b = p.prepare([to_text], specs=specs, generator=torch.Generator().manual_seed(0))
+    m = model_for(specs, [TEXT])
+    xe = m.embed(b.inputs).detach().requires_grad_(True)
+    h = m.backbone(xe, pos=b.inputs.pos, mask=b.mask)
+    g, = torch.autograd.grad(h[0, 1].sum(), xe)  # the first pixel of the condition
+    assert (g[0, 1:18].abs().sum(-1) > 0).all() and not (g[0, 18:].abs().sum(-1) > 0).any()
+    # the prefill of a caption from that scene: the same pattern
+    plan = build_plan([[to_text[0]]], [[Target(TEXT, txt.layout(1, 5).pos[0], variable=True)]], specs)
+    dense = p.prompt_mask(plan).dense(1, plan.prompt.length, plan.prompt.length, 0, "cpu")[0, 0]
+    assert dense[1, 17] and dense[1:18, 1:18].all() and not dense[17, 18]
+    text_cond = Masked(Masked.Config(domains=["image"])).prompt_mask(
+        build_plan([[piece(txt, TEXT, "a cat", "cond")]], [[Target(IMAGE, img.layout(1).pos[0])]], specs))
+    assert type(text_cond).__name__ == "Causal"

@@ -205,6 +205,8 @@ class AutoRegressive:
                 raise SeqgenError("an example needs at least two tokens to predict one from the other")
             group = f.group[:-1] if cond_bidir else torch.full((f.length - 1,), -1, dtype=torch.long)
             x = f.extras
+            if "cond_bidir" in x:  # condition segments read both ways whatever cond_attention says (masked domains)
+                group = torch.where(x["cond_bidir"][:-1] >= 0, x["cond_bidir"][:-1], group)
             v = None
             if has_values:
                 v = f.values if f.values is not None else torch.zeros(f.length, C)

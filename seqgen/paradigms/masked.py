@@ -47,7 +47,7 @@ from torch import Tensor
 
 from ..examples import Flat, Piece, flatten, null_piece
 from ..generate import DATA, Plan
-from ..masks import full
+from ..masks import causal, full, within
 from ..registry import register_paradigm
 from ..sampling import cfg_scale_at
 from ..types import DomainSpec, SeqgenError, TokenSequence
@@ -127,7 +127,9 @@ class Masked(AutoRegressive):
     class Config:
         domains: list[str] = field(default_factory=list)
         """target domains arranged masked (names of the run's domains); empty: every fixed-length target.
-        Other targets are trained and generated next-token (Show-o's hybrid)"""
+        Other targets are trained and generated next-token (Show-o's hybrid).  Condition segments of the
+        listed domains are read bidirectionally too (Show-o's omni-attention: an image attends within
+        itself both ways whether it is generated or read)"""
         schedule: str = "cosine"
         """mask-ratio schedule gamma: cosine (MaskGIT) or linear"""
         steps: int = 8
@@ -227,9 +229,29 @@ class Masked(AutoRegressive):
             f = flatten(arranged, specs)
             if any(x is not None for x in info):
                 mark_in_place(f, arranged, info)
+            bidir = [j for j, p in enumerate(arranged) if self.reads_both_ways(p, specs)]
+            if bidir:
+                inside = f.cond & torch.isin(f.piece, torch.tensor(bidir))
+                f.extras["cond_bidir"] = torch.where(inside, f.piece, torch.full_like(f.piece, -1))
             flats.append(f)
         null_cond = drop if any(p.role == "cond" for ex in examples for p in ex) else None
         return self.collate(flats, pack=pack, null_cond=null_cond, weighted=not train and any_masked)
+
+    def reads_both_ways(self, p: Piece, specs: list[DomainSpec]) -> bool:
+        """A condition segment of a listed masked domain (not the null condition)."""
+        return p.role == "cond" and not p.null and specs[p.modality].name in self.config.domains
+
+    def prompt_mask(self, plan: Plan):
+        """The prefill's pattern, as in training: condition segments of listed masked domains both ways."""
+        g = plan.prompt_group
+        if self.config.cond_attention != "bidirectional":
+            names = self.config.domains
+            specs = plan.specs or []
+            listed = [k for k, s in enumerate(specs) if s.name in names]
+            keep = torch.isin(plan.prompt.modality, torch.tensor(listed, dtype=torch.long)) if listed else \
+                torch.zeros_like(g, dtype=torch.bool)
+            g = torch.where(keep, g, torch.full_like(g, -1))
+        return causal() | within(g) if bool((g >= 0).any()) else causal()
 
     # ------------------------------------------------------------------ sampling
     def generation_orders(self, plan_targets: list, order: str, generator=None) -> None:

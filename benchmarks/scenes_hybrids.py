@@ -29,7 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 from common import print_table  # noqa: E402
 
-HYBRIDS = {"showo": "mnist_scenes_showo.yaml", "transfusion": "mnist_scenes_transfusion.yaml"}
+HYBRIDS = {"showo": "mnist_scenes_showo.yaml", "transfusion": "mnist_scenes_transfusion.yaml",
+           "ar": "mnist_scenes.yaml"}  # ar: the all-ar file again, under the hybrids' protocol
 REFERENCE = {"eval": "benchmarks/results/mnist_scenes_epyc_r6_eval.json",
              "train": "benchmarks/results/mnist_scenes_epyc_r6_train_summary.json"}
 
@@ -53,6 +54,7 @@ def main() -> None:
     ap.add_argument("--runs", default=str(ROOT / "runs"))
     ap.add_argument("--skip_train", action="store_true", help="score runs that exist")
     ap.add_argument("--skip_eval", action="store_true", help="read RUN/eval.json where it exists")
+    ap.add_argument("--run", action="append", default=[], metavar="MODEL=DIR", help="the run folder of a model")
     ap.add_argument("--threads", type=int, default=0,
                     help="train.threads for each run (0: the config's, all cores); the note says which was used")
     ap.add_argument("--note", default="", help="how the runs were made (kept in the JSON)")
@@ -64,7 +66,7 @@ def main() -> None:
     rows.append(row("all-ar (mnist_scenes.yaml)", ref_eval, ref_train))
     for name in args.models.split(","):
         cfg = ROOT / "examples" / "configs" / HYBRIDS[name]
-        run = Path(args.runs) / cfg.stem
+        run = Path(dict(r.split("=", 1) for r in args.run).get(name, Path(args.runs) / cfg.stem))
         seqgen = [sys.executable, "-m", "seqgen.cli"]
         t0 = time.time()
         if not args.skip_train:

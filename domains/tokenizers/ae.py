@@ -33,12 +33,14 @@ from torch import Tensor, nn
 from seqgen.registry import register_tokenizer
 from seqgen.types import SeqgenError
 
-from .fsq import ENCODE_SLICE, Decoder, Encoder
+from .fsq import PatchImages, ENCODE_SLICE, Decoder, Encoder
 
 
 @register_tokenizer("ae")
-class AETokenizer(nn.Module):
+class AETokenizer(PatchImages, nn.Module):
     """Images (N, H, W, C) in [0, 1] <-> normalised latents (N, h, w, latent_dim) floats."""
+
+    kind = "ae"
 
     vocab_size = None  # continuous: no vocabulary
 
@@ -90,32 +92,6 @@ class AETokenizer(nn.Module):
         self.register_buffer("latent_mean", torch.zeros(c))
         self.register_buffer("latent_std", torch.ones(c))
         self.register_buffer("stats_steps", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def from_state(cls, config: "AETokenizer.Config", state: dict[str, Tensor]) -> "AETokenizer":
-        if "geometry" not in state or state["geometry"].numel() != 3:
-            raise SeqgenError("ae: the checkpoint has no image geometry; it was not written by an ae tokenizer run")
-        H, W, C = (int(v) for v in state["geometry"])
-        model = cls(config, height=H, width=W, channels=C)
-        model.load_state_dict(state)
-        return model
-
-    # ------------------------------------------------------------------ shapes
-    def _check_images(self, x: Tensor) -> Tensor:
-        if not torch.is_tensor(x):
-            raise SeqgenError(f"ae: images must be a float tensor; got {type(x).__name__}")
-        if x.dim() == 3 and self.channels == 1:
-            x = x.unsqueeze(-1)
-        want = (self.height, self.width, self.channels)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise SeqgenError(f"ae: expected images of shape (N, {want[0]}, {want[1]}, {want[2]}); got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise SeqgenError(f"ae: images must be floats in [0, 1]; got dtype {x.dtype}")
-        return x.permute(0, 3, 1, 2)
-
-    def _pad(self, x: Tensor) -> Tensor:
-        p = self.config.patch
-        return F.pad(x, (0, self.grid[1] * p - self.width, 0, self.grid[0] * p - self.height))
 
     def posterior(self, x: Tensor) -> tuple[Tensor, Tensor]:
         """(N, C, H, W) -> mean, log-variance (N, c, h, w) of the raw (unnormalised) latent."""

@@ -163,13 +163,54 @@ class Decoder(nn.Module):
 ENCODE_SLICE = 128
 """images per encoder call inside ``FSQTokenizer.encode``"""
 
+class PatchImages:
+    """What every patch tokenizer (fsq, msfsq, ae) shares: a checkpoint that says which images it reads
+    (the ``geometry`` buffer, H, W, C), the check of input images, and zero-padding to whole patches.
+    A subclass sets ``kind`` (its registry name, for messages) and has ``height, width, channels, grid``
+    and ``config.patch``."""
+
+    kind = "tokenizer"
+
+    @classmethod
+    def from_state(cls, config, state: dict[str, Tensor]):
+        """Rebuild from a saved state dict (the geometry comes from its ``geometry`` tensor)."""
+        if "geometry" not in state or state["geometry"].numel() != 3:
+            raise SeqgenError(f"{cls.kind}: the checkpoint has no image geometry; it was not written by an "
+                              f"{cls.kind} tokenizer run")
+        H, W, C = (int(v) for v in state["geometry"])
+        model = cls(config, height=H, width=W, channels=C)
+        model.load_state_dict(state)
+        return model
+
+    def _check_images(self, x: Tensor) -> Tensor:
+        """(N, H, W, C) or, for one channel, (N, H, W) floats in [0, 1] -> (N, C, H, W)."""
+        if not torch.is_tensor(x):
+            raise SeqgenError(f"{self.kind}: images must be a float tensor; got {type(x).__name__}")
+        if x.dim() == 3 and self.channels == 1:
+            x = x.unsqueeze(-1)
+        want = (self.height, self.width, self.channels)
+        if x.dim() != 4 or tuple(x.shape[1:]) != want:
+            raise SeqgenError(f"{self.kind}: expected images of shape (N, {want[0]}, {want[1]}, {want[2]}); got "
+                              f"{tuple(x.shape)}")
+        if not x.is_floating_point():
+            raise SeqgenError(f"{self.kind}: images must be floats in [0, 1]; got dtype {x.dtype}")
+        return x.permute(0, 3, 1, 2)
+
+    def _pad(self, x: Tensor) -> Tensor:
+        """(N, C, H, W) -> (N, C, h * patch, w * patch), zero-padded at the bottom / right."""
+        p = self.config.patch
+        return F.pad(x, (0, self.grid[1] * p - self.width, 0, self.grid[0] * p - self.height))
+
+
 @register_tokenizer("fsq")
-class FSQTokenizer(nn.Module):
+class FSQTokenizer(PatchImages, nn.Module):
     """Images (N, H, W, C) in [0, 1] <-> codes (N, h, w) in 0 .. prod(levels) - 1.
 
     Built by ``TokenizerTask`` with the training images' geometry, which is also stored as the
     ``geometry`` buffer so ``load_tokenizer`` rebuilds the model from the checkpoint alone.
     """
+
+    kind = "fsq"
 
     @dataclass
     class Config:
@@ -210,35 +251,6 @@ class FSQTokenizer(nn.Module):
         self.decoder = Decoder(channels, cfg.width, stages, cfg.blocks, d)
         # saved with the weights: a checkpoint alone says what images the tokenizer reads
         self.register_buffer("geometry", torch.tensor([height, width, channels], dtype=torch.long))
-
-    @classmethod
-    def from_state(cls, config: "FSQTokenizer.Config", state: dict[str, Tensor]) -> "FSQTokenizer":
-        """Rebuild from a saved state dict (the geometry comes from its ``geometry`` tensor)."""
-        if "geometry" not in state or state["geometry"].numel() != 3:
-            raise SeqgenError("fsq: the checkpoint has no image geometry; it was not written by an fsq tokenizer run")
-        H, W, C = (int(v) for v in state["geometry"])
-        model = cls(config, height=H, width=W, channels=C)
-        model.load_state_dict(state)
-        return model
-
-    # ------------------------------------------------------------------ shapes
-    def _check_images(self, x: Tensor) -> Tensor:
-        """(N, H, W, C) or, for one channel, (N, H, W) floats in [0, 1] -> (N, C, H, W)."""
-        if not torch.is_tensor(x):
-            raise SeqgenError(f"fsq: images must be a float tensor; got {type(x).__name__}")
-        if x.dim() == 3 and self.channels == 1:
-            x = x.unsqueeze(-1)
-        want = (self.height, self.width, self.channels)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise SeqgenError(f"fsq: expected images of shape (N, {want[0]}, {want[1]}, {want[2]}); got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise SeqgenError(f"fsq: images must be floats in [0, 1]; got dtype {x.dtype}")
-        return x.permute(0, 3, 1, 2)
-
-    def _pad(self, x: Tensor) -> Tensor:
-        """(N, C, H, W) -> (N, C, h * patch, w * patch), zero-padded at the bottom / right."""
-        p = self.config.patch
-        return F.pad(x, (0, self.grid[1] * p - self.width, 0, self.grid[0] * p - self.height))
 
     def _decode_values(self, zhat: Tensor) -> Tensor:
         """(N, h, w, d) quantized vectors -> (N, H, W, C) in [0, 1]."""

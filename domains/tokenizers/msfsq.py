@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from seqgen.registry import register_tokenizer
 from seqgen.types import SeqgenError
 
-from .fsq import FSQ, ENCODE_SLICE, Decoder, Encoder
+from .fsq import PatchImages, FSQ, ENCODE_SLICE, Decoder, Encoder
 
 
 def scale_grids(sides: list[int], grid: tuple[int, int]) -> list[tuple[int, int]]:
@@ -65,9 +65,11 @@ def scale_grids(sides: list[int], grid: tuple[int, int]) -> list[tuple[int, int]
 
 
 @register_tokenizer("msfsq")
-class MultiScaleFSQTokenizer(nn.Module):
+class MultiScaleFSQTokenizer(PatchImages, nn.Module):
     """Images (N, H, W, C) in [0, 1] <-> codes of K scales, (N, L) with L = sum_k h_k * w_k: scale after
     scale, coarse to fine, raster order inside a scale; every code in 0 .. prod(levels) - 1."""
+
+    kind = "msfsq"
 
     @dataclass
     class Config:
@@ -138,34 +140,6 @@ class MultiScaleFSQTokenizer(nn.Module):
         self.register_buffer("geometry", torch.tensor([height, width, channels], dtype=torch.long))
         self.register_buffer("residual_rms", torch.ones(len(self.scales), d))
         self.register_buffer("stats_steps", torch.zeros((), dtype=torch.long))
-
-    @classmethod
-    def from_state(cls, config: "MultiScaleFSQTokenizer.Config", state: dict[str, Tensor]) -> "MultiScaleFSQTokenizer":
-        """Rebuild from a saved state dict (the geometry comes from its ``geometry`` tensor)."""
-        if "geometry" not in state or state["geometry"].numel() != 3:
-            raise SeqgenError("msfsq: the checkpoint has no image geometry; it was not written by an msfsq tokenizer run")
-        H, W, C = (int(v) for v in state["geometry"])
-        model = cls(config, height=H, width=W, channels=C)
-        model.load_state_dict(state)
-        return model
-
-    # ------------------------------------------------------------------ shapes
-    def _check_images(self, x: Tensor) -> Tensor:
-        """(N, H, W, C) or, for one channel, (N, H, W) floats in [0, 1] -> (N, C, H, W)."""
-        if not torch.is_tensor(x):
-            raise SeqgenError(f"msfsq: images must be a float tensor; got {type(x).__name__}")
-        if x.dim() == 3 and self.channels == 1:
-            x = x.unsqueeze(-1)
-        want = (self.height, self.width, self.channels)
-        if x.dim() != 4 or tuple(x.shape[1:]) != want:
-            raise SeqgenError(f"msfsq: expected images of shape (N, {want[0]}, {want[1]}, {want[2]}); got {tuple(x.shape)}")
-        if not x.is_floating_point():
-            raise SeqgenError(f"msfsq: images must be floats in [0, 1]; got dtype {x.dtype}")
-        return x.permute(0, 3, 1, 2)
-
-    def _pad(self, x: Tensor) -> Tensor:
-        p = self.config.patch
-        return F.pad(x, (0, self.grid[1] * p - self.width, 0, self.grid[0] * p - self.height))
 
     def _latent(self, x: Tensor) -> Tensor:
         """(N, C, H, W) -> f (N, d, h, w) in (-1, 1)."""

@@ -123,25 +123,17 @@ class AutoRegressive:
         pack:   0 pads one example per row; n > 0 packs examples into rows of n tokens
         progress: fraction of training done, for the RAR annealing schedule
         """
-        B = len(examples)
-        if B == 0:
-            raise SeqgenError("cannot prepare an empty batch")
+        rows, null_cond = self.drop_conditions(examples, specs, generator, train, null)
+        B = len(rows)
         r = self.permute_rate(progress) if train else 0.0
-        drop = torch.zeros(B, dtype=torch.bool)
-        if null:
-            drop[:] = True
-        elif train and self.config.cond_dropout > 0:
-            drop = _rand((B,), generator, "cpu") < self.config.cond_dropout
         permute = (_rand((B,), generator, "cpu") < r) if r > 0 else torch.zeros(B, dtype=torch.bool)
         flats = []
-        for i, ex in enumerate(examples):
-            pieces = [null_piece(p.modality, specs[p.modality]) if (drop[i] and p.role == "cond") else p for p in ex]
+        for i, pieces in enumerate(rows):
             order = None
             if permute[i]:
                 order = [random_orders(1, p.length, generator, "cpu")[0]
                          if p.role == "target" and not p.variable and not p.open else None for p in pieces]
             flats.append(flatten(pieces, specs, order))
-        null_cond = drop if any(p.role == "cond" for ex in examples for p in ex) else None
         if self.token_group > 1:
             if pack:
                 raise SeqgenError("ar: token_shuffle does not pack examples (train.pack: 0)")
@@ -187,6 +179,23 @@ class AutoRegressive:
         return Batch(inputs=inputs, targets=t["targets"], target_modality=t["target_modality"],
                      loss_mask=t["loss_mask"] & t["valid"], mask=causal(), target_values=t.get("target_values"),
                      units=t["units"], doc=t["doc"], null_cond=null_cond)
+
+    def drop_conditions(self, examples: list[list[Piece]], specs: list[DomainSpec], generator, train: bool,
+                        null: bool) -> tuple[list[list[Piece]], Tensor | None]:
+        """Condition dropout (every paradigm's): each example's condition pieces become the null condition
+        with probability ``cond_dropout`` in training, or always with ``null``.  -> (the examples' pieces,
+        (B,) bool of the dropped rows, or None when no example has a condition)."""
+        B = len(examples)
+        if B == 0:
+            raise SeqgenError("cannot prepare an empty batch")
+        drop = torch.zeros(B, dtype=torch.bool)
+        if null:
+            drop[:] = True
+        elif train and self.config.cond_dropout > 0:
+            drop = _rand((B,), generator, "cpu") < self.config.cond_dropout
+        rows = [[null_piece(p.modality, specs[p.modality]) if (drop[i] and p.role == "cond") else p for p in ex]
+                for i, ex in enumerate(examples)]
+        return rows, (drop if any(p.role == "cond" for ex in examples for p in ex) else None)
 
     def collate(self, flats: list[Flat], pack: int = 0, null_cond: Tensor | None = None,
                 weighted: bool = False) -> Batch:

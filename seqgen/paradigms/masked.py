@@ -45,7 +45,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from torch import Tensor
 
-from ..examples import Flat, Piece, flatten, null_piece
+from ..examples import Flat, Piece, flatten
 from ..generate import DATA, Plan
 from ..masks import causal, full, within
 from ..registry import register_paradigm
@@ -121,6 +121,21 @@ def mark_in_place(f: Flat, pieces: list[Piece], info: list[InPlace | None]) -> N
         f.extras["orig_values"] = orig_values
 
 
+def flat_in_place(pieces: list[Piece], specs: list[DomainSpec], arrange) -> tuple[Flat, list[Piece]]:
+    """Flatten one example whose pieces ``arrange(piece)`` may rearrange for in-place training: it returns
+    None (keep the piece) or (the piece of inputs, its ``InPlace`` record).  -> (the flat example, the
+    pieces as flattened)."""
+    arranged, info = [], []
+    for p in pieces:
+        out = arrange(p)
+        arranged.append(p if out is None else out[0])
+        info.append(None if out is None else out[1])
+    f = flatten(arranged, specs)
+    if any(x is not None for x in info):
+        mark_in_place(f, arranged, info)
+    return f, arranged
+
+
 @register_paradigm("masked")
 class Masked(AutoRegressive):
     @dataclass
@@ -185,56 +200,41 @@ class Masked(AutoRegressive):
                 progress: float = 0.0, train: bool = True, null: bool = False, pack: int = 0):
         """Arrange a batch: masked segments in place (a random mask per segment), the rest next-token.
         ``train=False`` draws the masks of the evidence bound from a fixed seed and weights the NLL n / k."""
-        B = len(examples)
-        if B == 0:
-            raise SeqgenError("cannot prepare an empty batch")
         if not train and generator is None:
             generator = torch.Generator().manual_seed(EVAL_SEED)
-        drop = torch.zeros(B, dtype=torch.bool)
-        if null:
-            drop[:] = True
-        elif train and self.config.cond_dropout > 0:
-            drop = _rand((B,), generator, "cpu") < self.config.cond_dropout
-        flats = []
-        any_masked = False
-        for i, ex in enumerate(examples):
-            pieces = [null_piece(p.modality, specs[p.modality]) if (drop[i] and p.role == "cond") else p for p in ex]
-            arranged, info = [], []
-            for p in pieces:
-                if not self.is_masked_piece(p, specs):
-                    arranged.append(p)
-                    info.append(None)
-                    continue
-                n = p.length
-                if n == 0:
-                    raise SeqgenError("masked: a target segment has no tokens")
-                if train:
-                    r = float(mask_ratio(float(_rand((1,), generator, "cpu")), self.config.schedule))
-                    k = min(n, max(1, math.ceil(r * n)))
-                else:  # the evidence bound: k uniform in 1..n
-                    k = 1 + int(_rand((1,), generator, "cpu") * n)
-                    k = min(k, n)
-                chosen = random_orders(1, n, generator, "cpu")[0][:k]
-                masked = torch.zeros(n, dtype=torch.bool)
-                masked[chosen] = True
-                ids = p.ids.clone()
-                ids[masked] = specs[p.modality].mask_id
-                values = None
-                if p.values is not None:
-                    values = p.values.clone()
-                    values[masked] = 0
-                arranged.append(replace(p, ids=ids, values=values))
-                info.append(InPlace(p.ids, p.values, masked, n / k))
-                any_masked = True
-            f = flatten(arranged, specs)
-            if any(x is not None for x in info):
-                mark_in_place(f, arranged, info)
+        rows, null_cond = self.drop_conditions(examples, specs, generator, train, null)
+        flats, any_masked = [], False
+
+        def arrange(p: Piece):
+            nonlocal any_masked
+            if not self.is_masked_piece(p, specs):
+                return None
+            n = p.length
+            if n == 0:
+                raise SeqgenError("masked: a target segment has no tokens")
+            if train:
+                r = float(mask_ratio(float(_rand((1,), generator, "cpu")), self.config.schedule))
+                k = min(n, max(1, math.ceil(r * n)))
+            else:  # the evidence bound: k uniform in 1..n
+                k = min(n, 1 + int(_rand((1,), generator, "cpu") * n))
+            masked = torch.zeros(n, dtype=torch.bool)
+            masked[random_orders(1, n, generator, "cpu")[0][:k]] = True
+            ids = p.ids.clone()
+            ids[masked] = specs[p.modality].mask_id
+            values = None
+            if p.values is not None:
+                values = p.values.clone()
+                values[masked] = 0
+            any_masked = True
+            return replace(p, ids=ids, values=values), InPlace(p.ids, p.values, masked, n / k)
+
+        for pieces in rows:
+            f, arranged = flat_in_place(pieces, specs, arrange)
             bidir = [j for j, p in enumerate(arranged) if self.reads_both_ways(p, specs)]
             if bidir:
                 inside = f.cond & torch.isin(f.piece, torch.tensor(bidir))
                 f.extras["cond_bidir"] = torch.where(inside, f.piece, torch.full_like(f.piece, -1))
             flats.append(f)
-        null_cond = drop if any(p.role == "cond" for ex in examples for p in ex) else None
         return self.collate(flats, pack=pack, null_cond=null_cond, weighted=not train and any_masked)
 
     def reads_both_ways(self, p: Piece, specs: list[DomainSpec]) -> bool:

@@ -30,14 +30,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..examples import Piece, flatten, null_piece
+from ..examples import Piece
 from ..generate import DATA, Plan
 from ..masks import causal, full, within
 from ..registry import register_paradigm
 from ..sampling import cfg_scale_at
 from ..types import DomainSpec, SeqgenError, TokenSequence
-from .ar import COND_ATTENTION, AutoRegressive, _rand
-from .masked import InPlace, mark_in_place
+from .ar import COND_ATTENTION, AutoRegressive
+from .masked import InPlace, flat_in_place
 
 
 def scale_parents(scales: tuple[tuple[int, int], ...]) -> tuple[Tensor, Tensor]:
@@ -101,32 +101,14 @@ class NextScale(AutoRegressive):
     # ------------------------------------------------------------------ training
     def prepare(self, examples: list[list[Piece]], *, specs: list[DomainSpec], generator: torch.Generator | None = None,
                 progress: float = 0.0, train: bool = True, null: bool = False, pack: int = 0):
-        B = len(examples)
-        if B == 0:
-            raise SeqgenError("cannot prepare an empty batch")
-        drop = torch.zeros(B, dtype=torch.bool)
-        if null:
-            drop[:] = True
-        elif train and self.config.cond_dropout > 0:
-            drop = _rand((B,), generator, "cpu") < self.config.cond_dropout
-        flats = []
-        for i, ex in enumerate(examples):
-            pieces = [null_piece(p.modality, specs[p.modality]) if (drop[i] and p.role == "cond") else p for p in ex]
-            arranged, info = [], []
-            for p in pieces:
-                spec = specs[p.modality]
-                if p.role != "target" or not self._multiscale(spec, p.variable, p.open):
-                    arranged.append(p)
-                    info.append(None)
-                    continue
-                a, inf = self.arrange(p, spec)
-                arranged.append(a)
-                info.append(inf)
-            f = flatten(arranged, specs)
-            if any(x is not None for x in info):
-                mark_in_place(f, arranged, info)
-            flats.append(f)
-        null_cond = drop if any(p.role == "cond" for ex in examples for p in ex) else None
+        rows, null_cond = self.drop_conditions(examples, specs, generator, train, null)
+
+        def arrange(p: Piece):
+            spec = specs[p.modality]
+            if p.role != "target" or not self._multiscale(spec, p.variable, p.open):
+                return None
+            return self.arrange(p, spec)
+        flats = [flat_in_place(pieces, specs, arrange)[0] for pieces in rows]
         return self.collate(flats, pack=pack, null_cond=null_cond)
 
     def arrange(self, p: Piece, spec: DomainSpec) -> tuple[Piece, InPlace]:

@@ -52,12 +52,8 @@ def test_mask_ratio_follows_the_schedule():
         assert expect - 0.03 < frac < expect + 1 / 16 + 0.03, (schedule, frac)
 
 
-def test_attention_is_bidirectional_inside_the_segment_and_causal_before_it():
-    """Gradient leak test: no position before the image depends on an image token; every image token
-    depends on every other image token (both ways)."""
-    exs, img, specs, _ = label_image_examples(2)
-    b = Masked().prepare(exs, specs=specs, generator=torch.Generator().manual_seed(0))
-    m = model_for(specs, [IMAGE])
+def dependencies(m, b) -> torch.Tensor:
+    """(L, L) bool: output q of the first row depends on input k (gradient leak test over ``b.mask``)."""
     x = m.embed(b.inputs).detach().requires_grad_(True)
     h = m.backbone(x, pos=b.inputs.pos, mask=b.mask)
     L = x.shape[1]
@@ -65,6 +61,15 @@ def test_attention_is_bidirectional_inside_the_segment_and_causal_before_it():
     for q in range(L):
         g, = torch.autograd.grad(h[0, q].sum(), x, retain_graph=True)
         dep[q] = g[0].abs().sum(-1) > 0
+    return dep
+
+
+def test_attention_is_bidirectional_inside_the_segment_and_causal_before_it():
+    """Gradient leak test: no position before the image depends on an image token; every image token
+    depends on every other image token (both ways)."""
+    exs, img, specs, _ = label_image_examples(2)
+    b = Masked().prepare(exs, specs=specs, generator=torch.Generator().manual_seed(0))
+    dep = dependencies(model_for(specs, [IMAGE]), b)
     image = torch.arange(4, 20)
     assert not dep[:4][:, 4:].any()  # the condition and BEGIN never see the image
     assert dep[image][:, image].all()  # both ways inside the image segment
